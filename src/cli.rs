@@ -1,0 +1,166 @@
+//! The command line. Parsing (clap) is separate from acting: each subcommand
+//! turns into one call of the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::clock::SystemClock;
+use crate::config::{KeyAlgorithm, Settings, sha256, to_hex};
+use crate::http::Application;
+use crate::token::{generate, random_bytes, write_private};
+
+/// tokenwarden: issues and verifies short-lived JWTs bound to the client they were
+/// issued to, and revokes them (one token, one session or every session of a user)
+/// the moment they must stop working.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// Config file (TOML). Default: ./tokenwarden.toml if it exists. Every setting can
+    /// also come from TOKENWARDEN_* environment variables, which win over the file.
+    #[arg(long, global = true, env = "TOKENWARDEN_CONFIG")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service: public API on 127.0.0.1:8080, admin API on 127.0.0.1:9090.
+    /// With no config at all it uses SQLite in ./data and generates a development
+    /// signing key and app key on first start.
+    Serve,
+    /// Create or upgrade the database schema, then exit (serve also does this at start).
+    Migrate,
+    /// Key management.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Generate a signing key: a PKCS#8 PEM for ES256 and EdDSA, a random secret for HS512.
+    Generate {
+        /// HS512, ES256 or EdDSA.
+        #[arg(long)]
+        alg: KeyAlgorithm,
+        /// Write the key to this file (mode 0600) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Generate an app key and print the config entry that holds only its hash.
+    AppKey {
+        /// The app's id, e.g. `web`.
+        #[arg(long)]
+        id: String,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_settings(config: Option<&Path>) -> anyhow::Result<Settings> {
+    let default = Path::new("tokenwarden.toml");
+    let file = config.or_else(|| default.is_file().then_some(default));
+    Ok(Settings::load(file, std::env::vars())?)
+}
+
+fn init_logging(filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("TOKENWARDEN_LOG: {filter:?} is not a log filter"))?;
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve => {
+            let settings = load_settings(cli.config.as_deref())?;
+            init_logging(&settings.log)?;
+            runtime()?.block_on(async {
+                let app = Application::build(&settings, Arc::new(SystemClock)).await?;
+                tracing::info!(
+                    public = %app.public_addr()?,
+                    admin = %app.admin_addr()?,
+                    database = app.state().sessions.store().backend(),
+                    "tokenwarden listening"
+                );
+                app.run_until_stopped(shutdown_signal()).await
+            })
+        }
+        Command::Migrate => {
+            let settings = load_settings(cli.config.as_deref())?;
+            init_logging(&settings.log)?;
+            runtime()?.block_on(async {
+                let store = crate::store::connect(&settings.database_url).await?;
+                store.migrate().await?;
+                println!("database schema is up to date ({})", store.backend());
+                anyhow::Ok(())
+            })
+        }
+        Command::Keys(KeysCommand::Generate { alg, out }) => {
+            let key = generate(alg)?;
+            match out {
+                Some(path) => {
+                    write_private(&path, key.as_bytes())?;
+                    println!(
+                        "wrote a new {alg} key to {} (mode 0600). Add it to the config:\n\n[[keys]]\nkid = \"{}\"\nalg = \"{alg}\"\npath = \"{}\"",
+                        path.display(),
+                        path.file_stem().and_then(|s| s.to_str()).unwrap_or("key-1"),
+                        path.display()
+                    );
+                }
+                None => print!("{key}"),
+            }
+            Ok(())
+        }
+        Command::Keys(KeysCommand::AppKey { id }) => {
+            let key = format!("twk_{}", to_hex(&random_bytes::<24>()?));
+            println!(
+                "app key for {id:?} (give it to the app; it is not stored anywhere):\n\n    {key}\n\nconfig entry:\n\n[[apps]]\nid = \"{id}\"\nkey_sha256 = \"{}\"",
+                to_hex(&sha256(key.as_bytes()))
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+}

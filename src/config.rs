@@ -1,0 +1,682 @@
+//! Configuration: one TOML file (every key optional, unknown keys are errors) with
+//! `TOKENWARDEN_*` environment variables on top, validated once into [`Settings`].
+//! Nothing else in the crate reads the environment.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Everything that can go wrong before the service starts, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{name}: {message}")]
+    Invalid { name: String, message: String },
+}
+
+fn invalid(name: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        name: name.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// A secret value: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The config file as written. Every field is optional; defaults live in [`Settings::resolve`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `sqlite://path` or `postgres://user@host/db`. Default: `sqlite://<data_dir>/tokenwarden.db`.
+    pub database_url: Option<String>,
+    /// Public listener. Default `127.0.0.1:8080`.
+    pub listen: Option<SocketAddr>,
+    /// Admin listener. Default `127.0.0.1:9090`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Where generated keys and the default SQLite file live. Default `./data`.
+    pub data_dir: Option<PathBuf>,
+    /// The analysts' rule file.
+    pub rules: Option<PathBuf>,
+    /// MaxMind-format city database.
+    pub geoip_city: Option<PathBuf>,
+    /// MaxMind-format ASN database.
+    pub geoip_asn: Option<PathBuf>,
+    /// Bearer token for the admin listener.
+    pub admin_token: Option<String>,
+    /// Proxies whose forwarding headers are believed (CIDRs).
+    pub trusted_proxies: Option<Vec<IpNet>>,
+    /// Log filter, e.g. `info` or `tokenwarden=debug`.
+    pub log: Option<String>,
+    /// App credentials for the session and verify APIs.
+    #[serde(default)]
+    pub apps: Vec<AppEntry>,
+    /// Access and refresh token settings.
+    #[serde(default)]
+    pub tokens: TokensSection,
+    /// Signing and verification keys. Empty: a generated EdDSA key in `data_dir`.
+    #[serde(default)]
+    pub keys: Vec<KeyEntry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppEntry {
+    pub id: String,
+    /// The raw key (prefer `key_sha256` in files).
+    pub key: Option<String>,
+    /// Hex SHA-256 of the key, as printed by `tokenwarden keys app`.
+    pub key_sha256: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensSection {
+    /// `iss` of minted tokens. Default `tokenwarden`.
+    pub issuer: Option<String>,
+    /// `aud` of minted tokens. Default `tokenwarden`.
+    pub audience: Option<String>,
+    /// Access token lifetime. Default `5m`.
+    pub access_ttl: Option<String>,
+    /// Refresh token lifetime (each rotation starts a new one). Default `30d`.
+    pub refresh_ttl: Option<String>,
+    /// How long the immediate predecessor of the current refresh token stays usable. Default `10s`.
+    pub refresh_reuse_grace: Option<String>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`. Default `30s`.
+    pub leeway: Option<String>,
+    /// `kid` of the signing key. Required when `keys` lists more than one signing key.
+    pub signing_kid: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEntry {
+    pub kid: String,
+    pub alg: KeyAlgorithm,
+    /// PEM file (private key to sign, public key to verify only) or, for HS512, a file holding the secret.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum KeyAlgorithm {
+    HS512,
+    ES256,
+    EdDSA,
+}
+
+impl std::str::FromStr for KeyAlgorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "HS512" => Ok(Self::HS512),
+            "ES256" => Ok(Self::ES256),
+            "EdDSA" => Ok(Self::EdDSA),
+            other => Err(format!(
+                "unsupported algorithm {other:?}: use HS512, ES256 or EdDSA"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for KeyAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::HS512 => "HS512",
+            Self::ES256 => "ES256",
+            Self::EdDSA => "EdDSA",
+        })
+    }
+}
+
+/// An app allowed to call the session and verify APIs; only the key's hash is kept.
+#[derive(Debug, Clone)]
+pub struct AppCredential {
+    pub id: String,
+    pub key_sha256: [u8; 32],
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+    pub refresh_reuse_grace: Duration,
+    pub leeway: Duration,
+    pub signing_kid: Option<String>,
+}
+
+/// Validated settings the application is built from.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub database_url: String,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub rules: Option<PathBuf>,
+    pub geoip_city: Option<PathBuf>,
+    pub geoip_asn: Option<PathBuf>,
+    pub admin_token: Option<Secret>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub log: String,
+    /// Empty means: development mode, a generated app key in `data_dir`.
+    pub apps: Vec<AppCredential>,
+    pub tokens: TokenSettings,
+    /// Empty means: a generated EdDSA key in `data_dir`.
+    pub keys: Vec<KeyEntry>,
+}
+
+/// The environment variables we read, each overriding the file key of the same meaning.
+pub const ENV_VARS: &[&str] = &[
+    "TOKENWARDEN_CONFIG",
+    "TOKENWARDEN_DATABASE_URL",
+    "TOKENWARDEN_LISTEN",
+    "TOKENWARDEN_ADMIN_LISTEN",
+    "TOKENWARDEN_DATA_DIR",
+    "TOKENWARDEN_RULES",
+    "TOKENWARDEN_GEOIP_CITY",
+    "TOKENWARDEN_GEOIP_ASN",
+    "TOKENWARDEN_APP_KEYS",
+    "TOKENWARDEN_ADMIN_TOKEN",
+    "TOKENWARDEN_TRUSTED_PROXIES",
+    "TOKENWARDEN_LOG",
+];
+
+/// Shortest raw app or admin key we accept.
+const MIN_CREDENTIAL_LEN: usize = 32;
+
+impl Settings {
+    /// Reads the config file (if any) and applies the environment given as `(name, value)` pairs.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let parsed = match file {
+            Some(path) => parse_file(path)?,
+            None => FileConfig::default(),
+        };
+        let env: BTreeMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("TOKENWARDEN_") && !k.starts_with("TOKENWARDEN_TEST_"))
+            .collect();
+        Self::resolve(parsed, &env)
+    }
+
+    /// Applies defaults and environment overrides, then validates.
+    pub fn resolve(file: FileConfig, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        if let Some(unknown) = env.keys().find(|k| !ENV_VARS.contains(&k.as_str())) {
+            return Err(invalid(
+                unknown,
+                format!(
+                    "unknown environment variable; tokenwarden reads {}",
+                    ENV_VARS.join(", ")
+                ),
+            ));
+        }
+        let var = |name: &str| env.get(name).filter(|v| !v.is_empty()).cloned();
+
+        let data_dir = var("TOKENWARDEN_DATA_DIR")
+            .map(PathBuf::from)
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("data"));
+        let database_url = var("TOKENWARDEN_DATABASE_URL")
+            .or(file.database_url)
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("tokenwarden.db").display()));
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database_url",
+                "must start with sqlite:// or postgres://",
+            ));
+        }
+        let listen = parse_addr("TOKENWARDEN_LISTEN", var("TOKENWARDEN_LISTEN"))?
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let admin_listen = parse_addr("TOKENWARDEN_ADMIN_LISTEN", var("TOKENWARDEN_ADMIN_LISTEN"))?
+            .or(file.admin_listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090)));
+        if listen == admin_listen && listen.port() != 0 {
+            return Err(invalid(
+                "admin_listen",
+                "must differ from listen: the admin API has its own listener",
+            ));
+        }
+
+        let rules = var("TOKENWARDEN_RULES").map(PathBuf::from).or(file.rules);
+        let geoip_city = var("TOKENWARDEN_GEOIP_CITY")
+            .map(PathBuf::from)
+            .or(file.geoip_city);
+        let geoip_asn = var("TOKENWARDEN_GEOIP_ASN")
+            .map(PathBuf::from)
+            .or(file.geoip_asn);
+        for (name, path) in [
+            ("rules", &rules),
+            ("geoip_city", &geoip_city),
+            ("geoip_asn", &geoip_asn),
+        ] {
+            if let Some(p) = path
+                && !p.is_file()
+            {
+                return Err(invalid(
+                    name,
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
+        }
+
+        let admin_token = var("TOKENWARDEN_ADMIN_TOKEN")
+            .or(file.admin_token)
+            .map(|t| {
+                if t.len() < MIN_CREDENTIAL_LEN {
+                    Err(invalid(
+                        "admin_token",
+                        format!("must be at least {MIN_CREDENTIAL_LEN} characters; generate one with `openssl rand -base64 32`"),
+                    ))
+                } else {
+                    Ok(Secret::new(t))
+                }
+            })
+            .transpose()?;
+
+        let trusted_proxies = match var("TOKENWARDEN_TRUSTED_PROXIES") {
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    s.parse::<IpNet>()
+                        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                        .map_err(|_| {
+                            invalid(
+                                "TOKENWARDEN_TRUSTED_PROXIES",
+                                format!("{s:?} is not a CIDR such as 10.0.0.0/8"),
+                            )
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None => file.trusted_proxies.unwrap_or_default(),
+        };
+
+        let log = var("TOKENWARDEN_LOG")
+            .or(file.log)
+            .unwrap_or_else(|| "info".to_owned());
+
+        let apps = match var("TOKENWARDEN_APP_KEYS") {
+            Some(list) => parse_app_keys_env(&list)?,
+            None => file
+                .apps
+                .into_iter()
+                .map(app_from_entry)
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for app in &apps {
+            if !seen.insert(app.id.as_str()) {
+                return Err(invalid(
+                    "apps",
+                    format!("app id {:?} appears twice", app.id),
+                ));
+            }
+        }
+
+        let tokens = resolve_tokens(file.tokens)?;
+        let mut kids = std::collections::HashSet::new();
+        for key in &file.keys {
+            if key.kid.is_empty() || key.kid.len() > 64 {
+                return Err(invalid("keys.kid", "must be 1 to 64 characters"));
+            }
+            if !kids.insert(key.kid.as_str()) {
+                return Err(invalid("keys", format!("kid {:?} appears twice", key.kid)));
+            }
+        }
+        if let Some(kid) = &tokens.signing_kid
+            && !kids.contains(kid.as_str())
+        {
+            return Err(invalid(
+                "tokens.signing_kid",
+                format!("{kid:?} is not one of the configured keys"),
+            ));
+        }
+
+        Ok(Self {
+            database_url,
+            listen,
+            admin_listen,
+            data_dir,
+            rules,
+            geoip_city,
+            geoip_asn,
+            admin_token,
+            trusted_proxies,
+            log,
+            apps,
+            tokens,
+            keys: file.keys,
+        })
+    }
+}
+
+fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn parse_addr(name: &str, value: Option<String>) -> Result<Option<SocketAddr>, ConfigError> {
+    value
+        .map(|v| {
+            v.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    name,
+                    format!("{v:?} is not an address such as 127.0.0.1:8080"),
+                )
+            })
+        })
+        .transpose()
+}
+
+fn parse_duration(
+    name: &str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(&v).map_err(|e| {
+            invalid(
+                name,
+                format!("{v:?} is not a duration such as 5m or 10s: {e}"),
+            )
+        }),
+    }
+}
+
+fn resolve_tokens(t: TokensSection) -> Result<TokenSettings, ConfigError> {
+    let access_ttl = parse_duration("tokens.access_ttl", t.access_ttl, Duration::from_secs(300))?;
+    let refresh_ttl = parse_duration(
+        "tokens.refresh_ttl",
+        t.refresh_ttl,
+        Duration::from_secs(30 * 24 * 3600),
+    )?;
+    let refresh_reuse_grace = parse_duration(
+        "tokens.refresh_reuse_grace",
+        t.refresh_reuse_grace,
+        Duration::from_secs(10),
+    )?;
+    let leeway = parse_duration("tokens.leeway", t.leeway, Duration::from_secs(30))?;
+    if access_ttl < Duration::from_secs(10) || access_ttl > Duration::from_secs(24 * 3600) {
+        return Err(invalid("tokens.access_ttl", "must be between 10s and 24h"));
+    }
+    if refresh_ttl < access_ttl {
+        return Err(invalid(
+            "tokens.refresh_ttl",
+            "must not be shorter than access_ttl",
+        ));
+    }
+    if refresh_reuse_grace > Duration::from_secs(120) {
+        return Err(invalid(
+            "tokens.refresh_reuse_grace",
+            "must be at most 2m: a longer window lets a stolen refresh token be replayed",
+        ));
+    }
+    if leeway > Duration::from_secs(300) {
+        return Err(invalid("tokens.leeway", "must be at most 5m"));
+    }
+    let text = |name: &str, v: Option<String>| -> Result<String, ConfigError> {
+        let v = v.unwrap_or_else(|| "tokenwarden".to_owned());
+        if v.is_empty() || v.len() > 256 {
+            return Err(invalid(name, "must be 1 to 256 characters"));
+        }
+        Ok(v)
+    };
+    Ok(TokenSettings {
+        issuer: text("tokens.issuer", t.issuer)?,
+        audience: text("tokens.audience", t.audience)?,
+        access_ttl,
+        refresh_ttl,
+        refresh_reuse_grace,
+        leeway,
+        signing_kid: t.signing_kid,
+    })
+}
+
+/// Hex-encoded SHA-256, used for app keys and refresh tokens at rest.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+pub fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+fn from_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn valid_app_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn app_from_entry(entry: AppEntry) -> Result<AppCredential, ConfigError> {
+    if !valid_app_id(&entry.id) {
+        return Err(invalid(
+            "apps.id",
+            format!(
+                "{:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
+                entry.id
+            ),
+        ));
+    }
+    let key_sha256 = match (entry.key, entry.key_sha256) {
+        (Some(key), None) => hash_raw_key(&entry.id, &key)?,
+        (None, Some(hex)) => from_hex32(&hex.to_ascii_lowercase()).ok_or_else(|| {
+            invalid(
+                "apps.key_sha256",
+                format!("app {:?}: expected 64 hex digits", entry.id),
+            )
+        })?,
+        _ => {
+            return Err(invalid(
+                "apps",
+                format!("app {:?}: set exactly one of key or key_sha256", entry.id),
+            ));
+        }
+    };
+    Ok(AppCredential {
+        id: entry.id,
+        key_sha256,
+    })
+}
+
+fn hash_raw_key(id: &str, key: &str) -> Result<[u8; 32], ConfigError> {
+    if key.len() < MIN_CREDENTIAL_LEN {
+        return Err(invalid(
+            "apps.key",
+            format!(
+                "app {id:?}: a key must be at least {MIN_CREDENTIAL_LEN} characters; generate one with `openssl rand -base64 32`"
+            ),
+        ));
+    }
+    Ok(sha256(key.as_bytes()))
+}
+
+fn parse_app_keys_env(list: &str) -> Result<Vec<AppCredential>, ConfigError> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|pair| {
+            let (id, key) = pair.split_once(':').ok_or_else(|| {
+                invalid(
+                    "TOKENWARDEN_APP_KEYS",
+                    "expected comma-separated app_id:key pairs",
+                )
+            })?;
+            app_from_entry(AppEntry {
+                id: id.to_owned(),
+                key: Some(key.to_owned()),
+                key_sha256: None,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn no_config_at_all_gives_local_sqlite_and_default_listeners() {
+        let s = Settings::resolve(FileConfig::default(), &BTreeMap::new()).unwrap();
+        assert_eq!(s.database_url, "sqlite://data/tokenwarden.db");
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(s.tokens.access_ttl, Duration::from_secs(300));
+        assert_eq!(s.tokens.refresh_reuse_grace, Duration::from_secs(10));
+        assert!(s.apps.is_empty() && s.keys.is_empty());
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors_naming_the_key() {
+        let err =
+            toml::from_str::<FileConfig>("listen = \"127.0.0.1:1\"\nlsten = 3\n").unwrap_err();
+        assert!(err.to_string().contains("lsten"), "{err}");
+        let err = toml::from_str::<FileConfig>("[tokens]\naccess_tl = \"5m\"\n").unwrap_err();
+        assert!(err.to_string().contains("access_tl"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let file: FileConfig =
+            toml::from_str("listen = \"127.0.0.1:1000\"\ndatabase_url = \"sqlite://a.db\"\n")
+                .unwrap();
+        let s = Settings::resolve(
+            file,
+            &env(&[
+                ("TOKENWARDEN_LISTEN", "127.0.0.1:2000"),
+                (
+                    "TOKENWARDEN_DATABASE_URL",
+                    "postgres://postgres@127.0.0.1/test",
+                ),
+                ("TOKENWARDEN_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.1"),
+                (
+                    "TOKENWARDEN_APP_KEYS",
+                    "web:0123456789abcdef0123456789abcdef,api:abcdefghijabcdefghijabcdefghijabcd",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.listen.port(), 2000);
+        assert!(s.database_url.starts_with("postgres://"));
+        assert_eq!(s.trusted_proxies.len(), 2);
+        assert_eq!(s.apps.len(), 2);
+        assert_eq!(
+            s.apps[0].key_sha256,
+            sha256(b"0123456789abcdef0123456789abcdef")
+        );
+    }
+
+    #[test]
+    fn misspelt_environment_variables_are_errors() {
+        let err = Settings::resolve(
+            FileConfig::default(),
+            &env(&[("TOKENWARDEN_DATABSE_URL", "x")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("TOKENWARDEN_DATABSE_URL"), "{err}");
+    }
+
+    #[test]
+    fn short_app_keys_and_bad_values_are_refused_with_a_hint() {
+        let err = Settings::resolve(
+            FileConfig::default(),
+            &env(&[("TOKENWARDEN_APP_KEYS", "web:short")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("openssl rand"), "{err}");
+        let err = Settings::resolve(
+            FileConfig::default(),
+            &env(&[("TOKENWARDEN_LISTEN", "8080")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("TOKENWARDEN_LISTEN"), "{err}");
+        let file: FileConfig = toml::from_str("[tokens]\naccess_ttl = \"forever\"\n").unwrap();
+        let err = Settings::resolve(file, &BTreeMap::new()).unwrap_err();
+        assert!(err.to_string().contains("tokens.access_ttl"), "{err}");
+        let file: FileConfig = toml::from_str("[tokens]\nrefresh_reuse_grace = \"1h\"\n").unwrap();
+        assert!(Settings::resolve(file, &BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_leak_through_debug() {
+        let s = Settings::resolve(
+            FileConfig::default(),
+            &env(&[(
+                "TOKENWARDEN_ADMIN_TOKEN",
+                "super-secret-admin-token-0123456789",
+            )]),
+        )
+        .unwrap();
+        assert!(!format!("{s:?}").contains("super-secret"));
+    }
+}

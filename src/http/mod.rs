@@ -1,0 +1,255 @@
+//! The HTTP layer: thin handlers that extract, call one domain function and map
+//! the result. Only this layer knows status codes. [`Application`] builds the
+//! whole service from [`Settings`], binds both listeners and runs them.
+
+mod admin;
+mod error;
+mod extract;
+mod health;
+mod oauth;
+mod sessions;
+mod verify;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use tokio::net::TcpListener;
+use tower_http::timeout::TimeoutLayer;
+
+pub use error::ApiError;
+pub use verify::{Decision, decide};
+
+use crate::clock::SharedClock;
+use crate::config::{AppCredential, Secret, Settings, sha256, to_hex};
+use crate::session::SessionService;
+use crate::store;
+use crate::token::{KeySet, TokenCodec, random_bytes, write_private};
+
+/// What every handler can reach: built services, not raw settings.
+#[derive(Clone)]
+pub struct AppState {
+    pub sessions: Arc<SessionService>,
+    pub apps: Arc<Vec<AppCredential>>,
+    pub admin_token: Option<Arc<Secret>>,
+}
+
+const MAX_BODY_BYTES: usize = 64 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The public router (session, verify and OAuth APIs).
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(sessions::router())
+        .merge(verify::router())
+        .merge(oauth::router())
+        .merge(health::router())
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(state)
+}
+
+/// The admin router, on its own listener with its own credential.
+pub fn admin_app(state: AppState) -> Router {
+    Router::new()
+        .merge(admin::router(state.clone()))
+        .merge(health::router())
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// The running service: both listeners bound, state built.
+pub struct Application {
+    public: TcpListener,
+    admin: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Connects and migrates the database, loads keys and revocations, binds the listeners.
+    pub async fn build(settings: &Settings, clock: SharedClock) -> anyhow::Result<Self> {
+        let store = store::connect(&settings.database_url)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the database {}",
+                    redact_url(&settings.database_url)
+                )
+            })?;
+        store.migrate().await.context("database migration failed")?;
+
+        let keys = if settings.keys.is_empty() {
+            let (keys, created) = KeySet::load_or_create_dev(&settings.data_dir)?;
+            if created {
+                tracing::warn!(
+                    kid = keys.signing_kid(),
+                    dir = %settings.data_dir.display(),
+                    "no keys configured: generated a development EdDSA signing key"
+                );
+            }
+            keys
+        } else {
+            KeySet::load(&settings.keys, settings.tokens.signing_kid.as_deref())?
+        };
+        let codec = TokenCodec::new(keys, &settings.tokens);
+
+        let apps = if settings.apps.is_empty() {
+            vec![dev_app_key(&settings.data_dir)?]
+        } else {
+            settings.apps.clone()
+        };
+        if settings.admin_token.is_none() {
+            tracing::warn!(
+                "no admin token configured (TOKENWARDEN_ADMIN_TOKEN): the admin API refuses every request"
+            );
+        }
+
+        let sessions = SessionService::start(store, codec, clock, settings.tokens.clone())
+            .await
+            .context("cannot load revocations")?;
+        let state = AppState {
+            sessions: Arc::new(sessions),
+            apps: Arc::new(apps),
+            admin_token: settings.admin_token.clone().map(Arc::new),
+        };
+        let public = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let admin = TcpListener::bind(settings.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin)", settings.admin_listen))?;
+        Ok(Self {
+            public,
+            admin,
+            state,
+        })
+    }
+
+    pub fn public_addr(&self) -> std::io::Result<SocketAddr> {
+        self.public.local_addr()
+    }
+
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves both listeners until `shutdown` resolves, then drains in-flight requests.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        };
+        let sessions = self.state.sessions.clone();
+        let pruner = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                sessions.prune();
+            }
+        });
+        let public = axum::serve(
+            self.public,
+            app(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(wait(stop_rx.clone()));
+        let admin = axum::serve(
+            self.admin,
+            admin_app(self.state).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(wait(stop_rx));
+        let public = tokio::spawn(async move { public.await });
+        let admin = tokio::spawn(async move { admin.await });
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        let (p, a) = tokio::join!(public, admin);
+        pruner.abort();
+        p??;
+        a??;
+        Ok(())
+    }
+}
+
+/// In development (no app configured) one app key is generated, printed once, and
+/// only its hash is kept in `data_dir/dev-app-key.sha256`.
+fn dev_app_key(data_dir: &Path) -> anyhow::Result<AppCredential> {
+    let path = data_dir.join("dev-app-key.sha256");
+    let hex = if path.exists() {
+        std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .trim()
+            .to_owned()
+    } else {
+        let key = format!("twk_dev_{}", to_hex(&random_bytes::<24>()?));
+        let hex = to_hex(&sha256(key.as_bytes()));
+        write_private(&path, hex.as_bytes())?;
+        // Printed, not logged: this is the only time the key exists outside the caller's hands.
+        println!(
+            "\nDevelopment app key (shown once, only its hash is stored in {}):\n\n    {key}\n\nUse it as `Authorization: Bearer {key}`. Configure real app keys with TOKENWARDEN_APP_KEYS.\n",
+            path.display()
+        );
+        hex
+    };
+    let mut key_sha256 = [0u8; 32];
+    let bytes = (0..32)
+        .map(|i| {
+            hex.get(2 * i..2 * i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .filter(|b| b.len() == 32)
+        .with_context(|| {
+            format!(
+                "{} is corrupt: delete it to generate a new key",
+                path.display()
+            )
+        })?;
+    key_sha256.copy_from_slice(&bytes);
+    Ok(AppCredential {
+        id: "dev".to_owned(),
+        key_sha256,
+    })
+}
+
+/// The database URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_passwords_never_reach_messages() {
+        assert_eq!(
+            super::redact_url("postgres://tw:hunter2@db:5432/tw"),
+            "postgres://tw:***@db:5432/tw"
+        );
+        assert_eq!(
+            super::redact_url("sqlite://data/x.db"),
+            "sqlite://data/x.db"
+        );
+    }
+}

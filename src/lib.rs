@@ -1,0 +1,21 @@
+//! tokenwarden: a session monitor for JWT-authenticated apps.
+//!
+//! Data flows one way: HTTP (thin) → domain (token, session, revocation) → store.
+//! See `ARCHITECTURE.md` for the bird's-eye view and the invariants.
+
+/// The command line: `serve`, `migrate`, `keys generate`.
+pub mod cli;
+/// The one source of time, injected everywhere (a manual clock in tests).
+pub mod clock;
+/// Typed, validated configuration: TOML file plus `TOKENWARDEN_*` overrides.
+pub mod config;
+/// The HTTP layer: routers, extractors, the error type and the application runner.
+pub mod http;
+/// In-memory revocation state read by every verification (no database on the hot path).
+pub mod revocation;
+/// Sessions: open, refresh rotation with reuse detection, reauth, logout, verify.
+pub mod session;
+/// Durable state: the `Store` trait and its SQLite and PostgreSQL implementations.
+pub mod store;
+/// Access tokens: keys, JWKS, minting and verification (the only user of jsonwebtoken).
+pub mod token;

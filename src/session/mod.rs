@@ -1,0 +1,470 @@
+//! The token lifecycle: open a session, rotate refresh tokens with reuse
+//! detection, re-authenticate, log out one or every session, and verify access
+//! tokens against signature, claims and the in-memory revocation view.
+//!
+//! Order of work in every state change: commit to the store, then apply the
+//! change to the view, then answer. A crash in between loses nothing: the view
+//! is rebuilt from the store at start.
+
+pub mod input;
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::clock::{SharedClock, UnixSeconds};
+use crate::config::{TokenSettings, sha256, to_hex};
+use crate::revocation::{Change, RevocationView, RevokedBy, TokenIds};
+use crate::store::{
+    NewRefresh, ReauthRequest, RefreshRejection, RevokedJti, RotateOutcome, RotateRequest,
+    STATE_ACTIVE, Seen, SessionRecord, SharedStore, StoreError,
+};
+use crate::token::{AccessClaims, TokenCodec, TokenError, binding_digest, random_bytes};
+use input::{AuthContext, Client, Subject};
+
+/// Refresh tokens start with this, so a leaked one is recognisable (e.g. by secret scanners).
+pub const REFRESH_PREFIX: &str = "twr_";
+const MAX_REFRESH_LEN: usize = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("the refresh token is not valid ({})", .0.code())]
+    InvalidGrant(RefreshRejectionCode),
+    #[error("the refresh token was already used: the session is revoked")]
+    RefreshReuse,
+    #[error("no such session")]
+    NotFound,
+    #[error("the session is revoked")]
+    Revoked,
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a refresh token was refused without raising an alarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshRejectionCode {
+    Malformed,
+    Store(RefreshRejection),
+}
+
+impl RefreshRejectionCode {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Store(RefreshRejection::Unknown) => "unknown",
+            Self::Store(RefreshRejection::Expired) => "expired",
+            Self::Store(RefreshRejection::SessionRevoked) => "session_revoked",
+            Self::Store(RefreshRejection::Superseded) => "superseded_by_reauth",
+        }
+    }
+}
+
+/// What the app gets back when a session opens, refreshes or re-authenticates.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenPair {
+    pub session_id: String,
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub refresh_token: String,
+    pub refresh_expires_in: u64,
+}
+
+/// The outcome of verifying one access token.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    Allow(Box<AccessClaims>),
+    Revoked(Box<AccessClaims>, RevokedBy),
+    Invalid(TokenError),
+}
+
+/// A refresh token as presented, checked for shape before any lookup.
+fn refresh_hash(token: &str) -> Option<String> {
+    let body = token.strip_prefix(REFRESH_PREFIX)?;
+    if token.len() > MAX_REFRESH_LEN
+        || body.is_empty()
+        || !body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return None;
+    }
+    Some(to_hex(&sha256(token.as_bytes())))
+}
+
+pub struct SessionService {
+    store: SharedStore,
+    codec: TokenCodec,
+    view: Arc<RevocationView>,
+    clock: SharedClock,
+    settings: TokenSettings,
+}
+
+impl SessionService {
+    /// Builds the service and fills the revocation view from the store.
+    pub async fn start(
+        store: SharedStore,
+        codec: TokenCodec,
+        clock: SharedClock,
+        settings: TokenSettings,
+    ) -> Result<Self, StoreError> {
+        let view = Arc::new(RevocationView::new());
+        let now = clock.now();
+        for change in store.revocations(now - codec.leeway()).await? {
+            view.apply(change);
+        }
+        Ok(Self {
+            store,
+            codec,
+            view,
+            clock,
+            settings,
+        })
+    }
+
+    pub fn codec(&self) -> &TokenCodec {
+        &self.codec
+    }
+    pub fn view(&self) -> &Arc<RevocationView> {
+        &self.view
+    }
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+    pub fn now(&self) -> UnixSeconds {
+        self.clock.now()
+    }
+
+    fn access_ttl(&self) -> i64 {
+        i64::try_from(self.settings.access_ttl.as_secs()).unwrap_or(i64::MAX)
+    }
+    fn refresh_ttl(&self) -> i64 {
+        i64::try_from(self.settings.refresh_ttl.as_secs()).unwrap_or(i64::MAX)
+    }
+
+    fn new_refresh(&self, now: UnixSeconds) -> Result<(String, NewRefresh), SessionError> {
+        let raw = random_bytes::<32>().map_err(|_| TokenError::Signing)?;
+        let token = format!("{REFRESH_PREFIX}{}", URL_SAFE_NO_PAD.encode(raw));
+        let record = NewRefresh {
+            token_hash: to_hex(&sha256(token.as_bytes())),
+            issued_at: now,
+            expires_at: now.saturating_add(self.refresh_ttl()),
+        };
+        Ok((token, record))
+    }
+
+    fn mint_for(
+        &self,
+        s: &SessionRecord,
+        now: UnixSeconds,
+        exp: UnixSeconds,
+    ) -> Result<String, SessionError> {
+        let extra = s
+            .claims
+            .as_deref()
+            .and_then(|c| serde_json::from_str(c).ok())
+            .unwrap_or_default();
+        let amr = s.amr.as_deref().and_then(|a| serde_json::from_str(a).ok());
+        let jti = URL_SAFE_NO_PAD.encode(random_bytes::<16>().map_err(|_| TokenError::Signing)?);
+        let claims = AccessClaims {
+            iss: self.codec.issuer().to_owned(),
+            aud: self.codec.audience().to_owned(),
+            sub: s.subject.clone(),
+            jti,
+            sid: s.session_id.clone(),
+            iat: now,
+            nbf: None,
+            exp,
+            auth_time: s.auth_time,
+            bnd: s.binding.clone(),
+            generation: s.user_generation,
+            epoch: s.epoch,
+            acr: s.acr.clone(),
+            amr,
+            extra,
+        };
+        Ok(self.codec.mint(&claims)?)
+    }
+
+    fn pair(&self, s: &SessionRecord, access: String, refresh: String) -> TokenPair {
+        TokenPair {
+            session_id: s.session_id.clone(),
+            access_token: access,
+            token_type: "Bearer",
+            expires_in: self.settings.access_ttl.as_secs(),
+            refresh_token: refresh,
+            refresh_expires_in: self.settings.refresh_ttl.as_secs(),
+        }
+    }
+
+    /// Opens a session for a user the app has just authenticated.
+    pub async fn open(
+        &self,
+        subject: &Subject,
+        client: &Client,
+        auth: &AuthContext,
+    ) -> Result<TokenPair, SessionError> {
+        let now = self.clock.now();
+        let exp = now.saturating_add(self.access_ttl());
+        let generation = self.store.user_generation(subject.as_str()).await?;
+        let ip = client.ip.to_string();
+        let session = SessionRecord {
+            session_id: uuid::Uuid::new_v4().to_string(),
+            subject: subject.as_str().to_owned(),
+            created_at: now,
+            last_seen_at: now,
+            auth_time: now,
+            binding: binding_digest(&ip, &client.user_agent),
+            ip,
+            user_agent: client.user_agent.clone(),
+            acr: auth.acr.clone(),
+            amr: auth
+                .amr
+                .as_ref()
+                .and_then(|a| serde_json::to_string(a).ok()),
+            claims: auth
+                .claims
+                .as_ref()
+                .and_then(|c| serde_json::to_string(c).ok()),
+            state: STATE_ACTIVE.to_owned(),
+            revoked_at: None,
+            revoked_reason: None,
+            epoch: 0,
+            epoch_until: 0,
+            user_generation: generation,
+            access_exp_max: exp,
+        };
+        let (refresh, record) = self.new_refresh(now)?;
+        let access = self.mint_for(&session, now, exp)?;
+        self.store.create_session(&session, &record).await?;
+        Ok(self.pair(&session, access, refresh))
+    }
+
+    /// Rotates a refresh token. A token that was already rotated (outside the grace window
+    /// for the immediate predecessor) revokes the whole session.
+    pub async fn refresh(
+        &self,
+        refresh_token: &str,
+        client: &Client,
+    ) -> Result<TokenPair, SessionError> {
+        let presented_hash = refresh_hash(refresh_token)
+            .ok_or(SessionError::InvalidGrant(RefreshRejectionCode::Malformed))?;
+        let now = self.clock.now();
+        let exp = now.saturating_add(self.access_ttl());
+        let (refresh, next) = self.new_refresh(now)?;
+        let request = RotateRequest {
+            presented_hash,
+            next,
+            grace_secs: i64::try_from(self.settings.refresh_reuse_grace.as_secs()).unwrap_or(0),
+            seen: Seen {
+                at: now,
+                ip: client.ip.to_string(),
+                user_agent: client.user_agent.clone(),
+            },
+            access_exp: exp,
+        };
+        match self.store.rotate_refresh(&request).await? {
+            RotateOutcome::Rotated(session) => {
+                let access = self.mint_for(&session, now, exp)?;
+                Ok(self.pair(&session, access, refresh))
+            }
+            RotateOutcome::Reused(session) => {
+                tracing::warn!(
+                    session_id = %session.session_id,
+                    subject = %session.subject,
+                    "refresh token reuse: session revoked"
+                );
+                self.view.apply(Change::SessionRevoked {
+                    session_id: session.session_id,
+                    until: session.access_exp_max,
+                });
+                Err(SessionError::RefreshReuse)
+            }
+            RotateOutcome::Rejected(why) => {
+                Err(SessionError::InvalidGrant(RefreshRejectionCode::Store(why)))
+            }
+        }
+    }
+
+    /// The user proved who they are again: new tokens, new binding, and every
+    /// access and refresh token the session had before is dead.
+    pub async fn reauth(
+        &self,
+        session_id: &str,
+        client: &Client,
+    ) -> Result<TokenPair, SessionError> {
+        let now = self.clock.now();
+        let exp = now.saturating_add(self.access_ttl());
+        let (refresh, next) = self.new_refresh(now)?;
+        let ip = client.ip.to_string();
+        let request = ReauthRequest {
+            session_id: session_id.to_owned(),
+            binding: binding_digest(&ip, &client.user_agent),
+            seen: Seen {
+                at: now,
+                ip,
+                user_agent: client.user_agent.clone(),
+            },
+            next,
+            access_exp: exp,
+        };
+        let Some(session) = self.store.reauth(&request).await? else {
+            return match self.store.session(session_id).await? {
+                Some(_) => Err(SessionError::Revoked),
+                None => Err(SessionError::NotFound),
+            };
+        };
+        self.view.apply(Change::SessionEpoch {
+            session_id: session.session_id.clone(),
+            epoch: session.epoch,
+            until: session.epoch_until,
+        });
+        let access = self.mint_for(&session, now, exp)?;
+        Ok(self.pair(&session, access, refresh))
+    }
+
+    pub async fn list(&self, subject: &Subject) -> Result<Vec<SessionRecord>, SessionError> {
+        Ok(self.store.sessions_of(subject.as_str()).await?)
+    }
+
+    /// Logs out one session (idempotent).
+    pub async fn logout(&self, session_id: &str, reason: &str) -> Result<(), SessionError> {
+        let session = self
+            .store
+            .revoke_session(session_id, reason, self.clock.now())
+            .await?
+            .ok_or(SessionError::NotFound)?;
+        self.view.apply(Change::SessionRevoked {
+            session_id: session.session_id,
+            until: session.access_exp_max,
+        });
+        Ok(())
+    }
+
+    /// Logs the user out everywhere: every session revoked, every older token dead.
+    pub async fn logout_all(&self, subject: &Subject) -> Result<u64, SessionError> {
+        let now = self.clock.now();
+        let until = now.saturating_add(self.access_ttl());
+        let (revoked, generation) = self.store.revoke_user(subject.as_str(), now, until).await?;
+        self.view.apply(Change::UserGeneration {
+            subject: subject.as_str().to_owned(),
+            generation,
+            until,
+        });
+        Ok(revoked)
+    }
+
+    /// Signature, claims and revocation state; no database round trip.
+    pub fn verify(&self, token: &str) -> Verdict {
+        let claims = match self.codec.verify(token, self.clock.now()) {
+            Ok(c) => c,
+            Err(e) => return Verdict::Invalid(e),
+        };
+        let revoked = self.view.check(TokenIds {
+            jti: &claims.jti,
+            session_id: &claims.sid,
+            subject: &claims.sub,
+            generation: claims.generation,
+            epoch: claims.epoch,
+        });
+        match revoked {
+            Some(by) => Verdict::Revoked(Box::new(claims), by),
+            None => Verdict::Allow(Box::new(claims)),
+        }
+    }
+
+    /// RFC 7009: a refresh token ends its session (and so every access token of it);
+    /// an access token is revoked by `jti`. Unknown or invalid tokens are not an error.
+    pub async fn revoke_token(&self, token: &str) -> Result<(), SessionError> {
+        if let Some(hash) = refresh_hash(token) {
+            if let Some(record) = self.store.refresh_token(&hash).await? {
+                self.logout(&record.session_id, "rfc7009").await?;
+            }
+            return Ok(());
+        }
+        match self.verify(token) {
+            Verdict::Allow(claims) => {
+                self.store
+                    .revoke_jti(&RevokedJti {
+                        jti: claims.jti.clone(),
+                        session_id: claims.sid.clone(),
+                        subject: claims.sub.clone(),
+                        exp: claims.exp,
+                        revoked_at: self.clock.now(),
+                        reason: "rfc7009".to_owned(),
+                    })
+                    .await?;
+                self.view.apply(Change::JtiRevoked {
+                    jti: claims.jti,
+                    until: claims.exp,
+                });
+                Ok(())
+            }
+            Verdict::Revoked(..) | Verdict::Invalid(_) => Ok(()),
+        }
+    }
+
+    /// RFC 7662: whether a token is active, with its claims when it is.
+    pub async fn introspect(&self, token: &str) -> Result<serde_json::Value, SessionError> {
+        let inactive = serde_json::json!({ "active": false });
+        if let Some(hash) = refresh_hash(token) {
+            let Some(record) = self.store.refresh_token(&hash).await? else {
+                return Ok(inactive);
+            };
+            let now = self.clock.now();
+            let Some(session) = self.store.session(&record.session_id).await? else {
+                return Ok(inactive);
+            };
+            let generation = self.store.user_generation(&session.subject).await?;
+            if record.retired_at.is_some()
+                || record.expires_at <= now
+                || session.is_revoked()
+                || session.user_generation < generation
+            {
+                return Ok(inactive);
+            }
+            return Ok(serde_json::json!({
+                "active": true,
+                "token_type": "refresh_token",
+                "sub": session.subject,
+                "sid": session.session_id,
+                "iat": record.issued_at,
+                "exp": record.expires_at,
+                "iss": self.codec.issuer(),
+            }));
+        }
+        Ok(match self.verify(token) {
+            Verdict::Allow(claims) => {
+                let mut body = serde_json::to_value(&*claims).unwrap_or(serde_json::Value::Null);
+                if let Some(obj) = body.as_object_mut() {
+                    obj.insert("active".into(), true.into());
+                    obj.insert("token_type".into(), "access_token".into());
+                }
+                body
+            }
+            _ => inactive,
+        })
+    }
+
+    /// Drops revocation entries no live token can need (called periodically).
+    pub fn prune(&self) {
+        self.view.prune(self.clock.now(), self.codec.leeway());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_tokens_of_the_wrong_shape_are_refused_before_any_lookup() {
+        assert!(refresh_hash("twr_abcDEF-_09").is_some());
+        assert!(refresh_hash("abc").is_none());
+        assert!(refresh_hash("twr_").is_none());
+        assert!(refresh_hash("twr_a b").is_none());
+        assert!(refresh_hash(&format!("twr_{}", "a".repeat(200))).is_none());
+    }
+}

@@ -1,0 +1,462 @@
+//! The SQLite and PostgreSQL stores. Both run the same code (expanded once per
+//! database by `sql_store!`) over the SQL texts below; where the dialects differ
+//! the text is chosen in [`Dialect`], never by branching inside a method.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use super::{
+    NewRefresh, ReauthRequest, RefreshRecord, RevokedJti, RotateAction, RotateOutcome,
+    RotateRequest, SessionRecord, Store, StoreError, classify_refresh,
+};
+use crate::clock::UnixSeconds;
+use crate::revocation::Change;
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The statements whose text differs between the databases.
+struct Dialect {
+    /// SQLite must take the write lock up front: a deferred transaction that reads and then
+    /// writes fails with "database is locked" instead of waiting.
+    begin_write: &'static str,
+    refresh_for_update: &'static str,
+    session_for_update: &'static str,
+}
+
+const SQLITE: Dialect = Dialect {
+    begin_write: "BEGIN IMMEDIATE",
+    refresh_for_update: "SELECT * FROM refresh_tokens WHERE token_hash = $1",
+    session_for_update: "SELECT * FROM sessions WHERE session_id = $1",
+};
+
+const POSTGRES: Dialect = Dialect {
+    begin_write: "BEGIN",
+    refresh_for_update: "SELECT * FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE",
+    session_for_update: "SELECT * FROM sessions WHERE session_id = $1 FOR UPDATE",
+};
+
+const INSERT_SESSION: &str = "INSERT INTO sessions (session_id, subject, created_at, last_seen_at, auth_time, ip, user_agent, binding, acr, amr, claims, state, revoked_at, revoked_reason, epoch, epoch_until, user_generation, access_exp_max) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
+const INSERT_REFRESH: &str = "INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at) VALUES ($1, $2, $3, $4, $5)";
+const SELECT_SESSION: &str = "SELECT * FROM sessions WHERE session_id = $1";
+const SELECT_SESSIONS_OF: &str =
+    "SELECT * FROM sessions WHERE subject = $1 ORDER BY created_at DESC, session_id";
+const SELECT_REFRESH: &str = "SELECT * FROM refresh_tokens WHERE token_hash = $1";
+const SELECT_GENERATION: &str = "SELECT generation FROM users WHERE subject = $1";
+const COUNT_CURRENT_CHILDREN: &str =
+    "SELECT COUNT(*) FROM refresh_tokens WHERE parent_hash = $1 AND retired_at IS NULL";
+const RETIRE_CURRENT_REFRESH: &str = "UPDATE refresh_tokens SET retired_at = $2, retired_reason = $3 WHERE session_id = $1 AND retired_at IS NULL";
+const TOUCH_SESSION: &str = "UPDATE sessions SET last_seen_at = $2, \
+     access_exp_max = CASE WHEN access_exp_max > $3 THEN access_exp_max ELSE $3 END \
+     WHERE session_id = $1 RETURNING *";
+const REVOKE_SESSION: &str = "UPDATE sessions SET state = 'revoked', revoked_at = $2, revoked_reason = $3 WHERE session_id = $1 AND state <> 'revoked' RETURNING *";
+const REAUTH_SESSION: &str = "UPDATE sessions SET ip = $2, user_agent = $3, binding = $4, auth_time = $5, last_seen_at = $5, state = 'active', \
+     epoch = epoch + 1, epoch_until = access_exp_max, access_exp_max = $6 WHERE session_id = $1 RETURNING *";
+const BUMP_GENERATION: &str = "INSERT INTO users (subject, generation, valid_until) VALUES ($1, 1, $2) \
+     ON CONFLICT (subject) DO UPDATE SET generation = users.generation + 1, valid_until = excluded.valid_until RETURNING generation";
+const REVOKE_USER_SESSIONS: &str = "UPDATE sessions SET state = 'revoked', revoked_at = $2, revoked_reason = 'logout_all' WHERE subject = $1 AND state <> 'revoked'";
+const RETIRE_USER_REFRESH: &str = "UPDATE refresh_tokens SET retired_at = $2, retired_reason = 'revoked' \
+     WHERE retired_at IS NULL AND session_id IN (SELECT session_id FROM sessions WHERE subject = $1)";
+const INSERT_REVOKED_JTI: &str = "INSERT INTO revoked_jti (jti, session_id, subject, exp, revoked_at, reason) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (jti) DO NOTHING";
+const LIVE_REVOKED_JTI: &str = "SELECT jti, exp FROM revoked_jti WHERE exp > $1";
+const LIVE_REVOKED_SESSIONS: &str = "SELECT session_id, access_exp_max FROM sessions WHERE state = 'revoked' AND access_exp_max > $1";
+const LIVE_EPOCHS: &str = "SELECT session_id, epoch, epoch_until FROM sessions WHERE epoch > 0 AND epoch_until > $1 AND state <> 'revoked'";
+const LIVE_GENERATIONS: &str =
+    "SELECT subject, generation, valid_until FROM users WHERE valid_until > $1";
+
+macro_rules! sql_store {
+    ($store:ident, $pool:ty, $dialect:expr, $migrator:expr, $backend:literal) => {
+        impl $store {
+            pub fn pool(&self) -> &$pool {
+                &self.pool
+            }
+        }
+
+        #[async_trait]
+        impl Store for $store {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            async fn migrate(&self) -> Result<(), StoreError> {
+                $migrator.run(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn create_session(
+                &self,
+                s: &SessionRecord,
+                refresh: &NewRefresh,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin_with($dialect.begin_write).await?;
+                sqlx::query(INSERT_SESSION)
+                    .bind(&s.session_id)
+                    .bind(&s.subject)
+                    .bind(s.created_at)
+                    .bind(s.last_seen_at)
+                    .bind(s.auth_time)
+                    .bind(&s.ip)
+                    .bind(&s.user_agent)
+                    .bind(&s.binding)
+                    .bind(&s.acr)
+                    .bind(&s.amr)
+                    .bind(&s.claims)
+                    .bind(&s.state)
+                    .bind(s.revoked_at)
+                    .bind(&s.revoked_reason)
+                    .bind(s.epoch)
+                    .bind(s.epoch_until)
+                    .bind(s.user_generation)
+                    .bind(s.access_exp_max)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(INSERT_REFRESH)
+                    .bind(&refresh.token_hash)
+                    .bind(&s.session_id)
+                    .bind(None::<String>)
+                    .bind(refresh.issued_at)
+                    .bind(refresh.expires_at)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn session(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError> {
+                Ok(sqlx::query_as(SELECT_SESSION)
+                    .bind(session_id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn sessions_of(&self, subject: &str) -> Result<Vec<SessionRecord>, StoreError> {
+                Ok(sqlx::query_as(SELECT_SESSIONS_OF)
+                    .bind(subject)
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn user_generation(&self, subject: &str) -> Result<i64, StoreError> {
+                let row: Option<(i64,)> = sqlx::query_as(SELECT_GENERATION)
+                    .bind(subject)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map_or(0, |r| r.0))
+            }
+
+            async fn refresh_token(
+                &self,
+                token_hash: &str,
+            ) -> Result<Option<RefreshRecord>, StoreError> {
+                Ok(sqlx::query_as(SELECT_REFRESH)
+                    .bind(token_hash)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn rotate_refresh(&self, r: &RotateRequest) -> Result<RotateOutcome, StoreError> {
+                let mut tx = self.pool.begin_with($dialect.begin_write).await?;
+                let token: Option<RefreshRecord> = sqlx::query_as($dialect.refresh_for_update)
+                    .bind(&r.presented_hash)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(token) = token else {
+                    return Ok(RotateOutcome::Rejected(super::RefreshRejection::Unknown));
+                };
+                let session: Option<SessionRecord> = sqlx::query_as($dialect.session_for_update)
+                    .bind(&token.session_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(session) = session else {
+                    return Ok(RotateOutcome::Rejected(super::RefreshRejection::Unknown));
+                };
+                let generation: Option<(i64,)> = sqlx::query_as(SELECT_GENERATION)
+                    .bind(&session.subject)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let (children,): (i64,) = sqlx::query_as(COUNT_CURRENT_CHILDREN)
+                    .bind(&token.token_hash)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let now = r.seen.at;
+                let action = classify_refresh(
+                    &token,
+                    &session,
+                    generation.map_or(0, |g| g.0),
+                    children > 0,
+                    now,
+                    r.grace_secs,
+                );
+                let outcome = match action {
+                    RotateAction::Reject(why) => return Ok(RotateOutcome::Rejected(why)),
+                    RotateAction::Reuse => {
+                        let revoked: SessionRecord = sqlx::query_as(REVOKE_SESSION)
+                            .bind(&session.session_id)
+                            .bind(now)
+                            .bind("refresh_reuse")
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        sqlx::query(RETIRE_CURRENT_REFRESH)
+                            .bind(&session.session_id)
+                            .bind(now)
+                            .bind("revoked")
+                            .execute(&mut *tx)
+                            .await?;
+                        RotateOutcome::Reused(revoked)
+                    }
+                    RotateAction::Rotate | RotateAction::GraceSibling => {
+                        if action == RotateAction::Rotate {
+                            sqlx::query(RETIRE_CURRENT_REFRESH)
+                                .bind(&session.session_id)
+                                .bind(now)
+                                .bind("rotated")
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        sqlx::query(INSERT_REFRESH)
+                            .bind(&r.next.token_hash)
+                            .bind(&session.session_id)
+                            .bind(&token.token_hash)
+                            .bind(r.next.issued_at)
+                            .bind(r.next.expires_at)
+                            .execute(&mut *tx)
+                            .await?;
+                        let touched: SessionRecord = sqlx::query_as(TOUCH_SESSION)
+                            .bind(&session.session_id)
+                            .bind(now)
+                            .bind(r.access_exp)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        RotateOutcome::Rotated(touched)
+                    }
+                };
+                tx.commit().await?;
+                Ok(outcome)
+            }
+
+            async fn reauth(&self, r: &ReauthRequest) -> Result<Option<SessionRecord>, StoreError> {
+                let mut tx = self.pool.begin_with($dialect.begin_write).await?;
+                let session: Option<SessionRecord> = sqlx::query_as($dialect.session_for_update)
+                    .bind(&r.session_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                match session {
+                    Some(s) if !s.is_revoked() => {}
+                    _ => return Ok(None),
+                }
+                let updated: SessionRecord = sqlx::query_as(REAUTH_SESSION)
+                    .bind(&r.session_id)
+                    .bind(&r.seen.ip)
+                    .bind(&r.seen.user_agent)
+                    .bind(&r.binding)
+                    .bind(r.seen.at)
+                    .bind(r.access_exp)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                sqlx::query(RETIRE_CURRENT_REFRESH)
+                    .bind(&r.session_id)
+                    .bind(r.seen.at)
+                    .bind("reauth")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(INSERT_REFRESH)
+                    .bind(&r.next.token_hash)
+                    .bind(&r.session_id)
+                    .bind(None::<String>)
+                    .bind(r.next.issued_at)
+                    .bind(r.next.expires_at)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Some(updated))
+            }
+
+            async fn revoke_session(
+                &self,
+                session_id: &str,
+                reason: &str,
+                now: UnixSeconds,
+            ) -> Result<Option<SessionRecord>, StoreError> {
+                let mut tx = self.pool.begin_with($dialect.begin_write).await?;
+                let revoked: Option<SessionRecord> = sqlx::query_as(REVOKE_SESSION)
+                    .bind(session_id)
+                    .bind(now)
+                    .bind(reason)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let result = match revoked {
+                    Some(s) => {
+                        sqlx::query(RETIRE_CURRENT_REFRESH)
+                            .bind(session_id)
+                            .bind(now)
+                            .bind("revoked")
+                            .execute(&mut *tx)
+                            .await?;
+                        Some(s)
+                    }
+                    // Already revoked (idempotent) or unknown.
+                    None => {
+                        sqlx::query_as(SELECT_SESSION)
+                            .bind(session_id)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                    }
+                };
+                tx.commit().await?;
+                Ok(result)
+            }
+
+            async fn revoke_user(
+                &self,
+                subject: &str,
+                now: UnixSeconds,
+                valid_until: UnixSeconds,
+            ) -> Result<(u64, i64), StoreError> {
+                let mut tx = self.pool.begin_with($dialect.begin_write).await?;
+                let (generation,): (i64,) = sqlx::query_as(BUMP_GENERATION)
+                    .bind(subject)
+                    .bind(valid_until)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let revoked = sqlx::query(REVOKE_USER_SESSIONS)
+                    .bind(subject)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query(RETIRE_USER_REFRESH)
+                    .bind(subject)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok((revoked, generation))
+            }
+
+            async fn revoke_jti(&self, j: &RevokedJti) -> Result<(), StoreError> {
+                sqlx::query(INSERT_REVOKED_JTI)
+                    .bind(&j.jti)
+                    .bind(&j.session_id)
+                    .bind(&j.subject)
+                    .bind(j.exp)
+                    .bind(j.revoked_at)
+                    .bind(&j.reason)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn revocations(&self, after: UnixSeconds) -> Result<Vec<Change>, StoreError> {
+                let mut changes = Vec::new();
+                let jtis: Vec<(String, i64)> = sqlx::query_as(LIVE_REVOKED_JTI)
+                    .bind(after)
+                    .fetch_all(&self.pool)
+                    .await?;
+                changes.extend(
+                    jtis.into_iter()
+                        .map(|(jti, until)| Change::JtiRevoked { jti, until }),
+                );
+                let sessions: Vec<(String, i64)> = sqlx::query_as(LIVE_REVOKED_SESSIONS)
+                    .bind(after)
+                    .fetch_all(&self.pool)
+                    .await?;
+                changes.extend(
+                    sessions
+                        .into_iter()
+                        .map(|(session_id, until)| Change::SessionRevoked { session_id, until }),
+                );
+                let epochs: Vec<(String, i64, i64)> = sqlx::query_as(LIVE_EPOCHS)
+                    .bind(after)
+                    .fetch_all(&self.pool)
+                    .await?;
+                changes.extend(epochs.into_iter().map(|(session_id, epoch, until)| {
+                    Change::SessionEpoch {
+                        session_id,
+                        epoch,
+                        until,
+                    }
+                }));
+                let users: Vec<(String, i64, i64)> = sqlx::query_as(LIVE_GENERATIONS)
+                    .bind(after)
+                    .fetch_all(&self.pool)
+                    .await?;
+                changes.extend(users.into_iter().map(|(subject, generation, until)| {
+                    Change::UserGeneration {
+                        subject,
+                        generation,
+                        until,
+                    }
+                }));
+                Ok(changes)
+            }
+        }
+    };
+}
+
+/// The embedded default: one SQLite file in WAL mode.
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let folder = options.get_filename().parent().map(|p| p.to_owned());
+        if let Some(folder) = folder.filter(|f| !f.as_os_str().is_empty()) {
+            std::fs::create_dir_all(&folder).map_err(|source| StoreError::Folder {
+                path: folder.display().to_string(),
+                source,
+            })?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+}
+
+/// Shared by several nodes.
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(url)
+            .await?;
+        Ok(Self { pool })
+    }
+}
+
+sql_store!(SqliteStore, SqlitePool, SQLITE, SQLITE_MIGRATIONS, "sqlite");
+sql_store!(
+    PostgresStore,
+    PgPool,
+    POSTGRES,
+    POSTGRES_MIGRATIONS,
+    "postgres"
+);

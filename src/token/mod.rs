@@ -1,0 +1,294 @@
+//! Access tokens: the claims we mint, and verification that pins the algorithm to
+//! the key named by `kid`. This is the only module that touches jsonwebtoken.
+//! Time checks (`exp`, `nbf`, `iat`) use the injected clock, not the library's.
+
+mod keys;
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Header, Validation};
+use serde::{Deserialize, Serialize};
+
+pub use keys::{KeyError, KeySet, check_secret_strength, generate, random_bytes, write_private};
+
+use crate::clock::UnixSeconds;
+use crate::config::TokenSettings;
+
+/// Tokens longer than this are refused before any parsing.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// RFC 9068 media type of access tokens.
+pub const ACCESS_TOKEN_TYP: &str = "at+jwt";
+
+/// The claims of an access token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccessClaims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: String,
+    pub jti: String,
+    pub sid: String,
+    pub iat: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    pub exp: i64,
+    pub auth_time: i64,
+    /// Digest of the client the session is bound to (IP and user agent at issue).
+    pub bnd: String,
+    /// The user's generation at issue: "log out everywhere" raises it.
+    #[serde(default, rename = "gen")]
+    pub generation: i64,
+    /// The session's epoch at issue: re-authentication raises it.
+    #[serde(default, rename = "sep")]
+    pub epoch: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amr: Option<Vec<String>>,
+    /// The app's own claims, copied from the session.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Claim names the app may not set through `claims`.
+pub const RESERVED_CLAIMS: &[&str] = &[
+    "iss",
+    "aud",
+    "sub",
+    "jti",
+    "sid",
+    "iat",
+    "nbf",
+    "exp",
+    "auth_time",
+    "bnd",
+    "gen",
+    "sep",
+    "acr",
+    "amr",
+    "typ",
+    "cnf",
+    "scope",
+    "client_id",
+];
+
+/// Why a token is not accepted. `code()` is stable and appears in answers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token is longer than {MAX_TOKEN_BYTES} bytes")]
+    TooLarge,
+    #[error("the token is not a well-formed JWT")]
+    Malformed,
+    #[error("the token's claims are malformed: {0}")]
+    MalformedClaims(String),
+    #[error("the token is not an access token (typ must be at+jwt)")]
+    WrongType,
+    #[error("the token names no key (kid) or an unknown one")]
+    UnknownKey,
+    #[error("the token's algorithm is not the one pinned to its key")]
+    AlgorithmNotAllowed,
+    #[error("the token's signature does not verify")]
+    BadSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token was issued by someone else")]
+    WrongIssuer,
+    #[error("the token is meant for another audience")]
+    WrongAudience,
+    #[error("the token lacks the required claim {0}")]
+    MissingClaim(String),
+    #[error("the token could not be signed")]
+    Signing,
+}
+
+impl TokenError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooLarge => "token_too_large",
+            Self::Malformed => "malformed",
+            Self::MalformedClaims(_) => "malformed_claims",
+            Self::WrongType => "wrong_type",
+            Self::UnknownKey => "unknown_kid",
+            Self::AlgorithmNotAllowed => "algorithm_not_allowed",
+            Self::BadSignature => "bad_signature",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::WrongIssuer => "wrong_issuer",
+            Self::WrongAudience => "wrong_audience",
+            Self::MissingClaim(_) => "missing_claim",
+            Self::Signing => "signing_failed",
+        }
+    }
+}
+
+/// Mints and verifies access tokens with one key set and one policy.
+pub struct TokenCodec {
+    keys: KeySet,
+    /// One validation per `kid`, each allowing exactly that key's algorithm.
+    validations: HashMap<String, Validation>,
+    issuer: String,
+    audience: String,
+    leeway: i64,
+}
+
+impl std::fmt::Debug for TokenCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCodec")
+            .field("keys", &self.keys)
+            .field("issuer", &self.issuer)
+            .finish()
+    }
+}
+
+impl TokenCodec {
+    pub fn new(keys: KeySet, settings: &TokenSettings) -> Self {
+        let validations = keys
+            .verify
+            .iter()
+            .map(|(kid, key)| {
+                let mut v = Validation::new(key.alg);
+                v.set_issuer(&[&settings.issuer]);
+                v.set_audience(&[&settings.audience]);
+                v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+                // Time is checked below against the injected clock.
+                v.validate_exp = false;
+                v.validate_nbf = false;
+                v.leeway = 0;
+                (kid.clone(), v)
+            })
+            .collect();
+        Self {
+            keys,
+            validations,
+            issuer: settings.issuer.clone(),
+            audience: settings.audience.clone(),
+            leeway: i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX),
+        }
+    }
+
+    pub fn keys(&self) -> &KeySet {
+        &self.keys
+    }
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+    pub fn audience(&self) -> &str {
+        &self.audience
+    }
+    pub fn leeway(&self) -> i64 {
+        self.leeway
+    }
+
+    /// Signs the claims with the active key.
+    pub fn mint(&self, claims: &AccessClaims) -> Result<String, TokenError> {
+        let signing = &self.keys.signing;
+        let mut header = Header::new(signing.alg);
+        header.typ = Some(ACCESS_TOKEN_TYP.to_owned());
+        header.kid = Some(signing.kid.clone());
+        jsonwebtoken::encode(&header, claims, &signing.encoding).map_err(|_| TokenError::Signing)
+    }
+
+    /// Checks size, header, signature (with the algorithm pinned to the `kid`), issuer,
+    /// audience, required claims and times. Revocation is the caller's next step.
+    pub fn verify(&self, token: &str, now: UnixSeconds) -> Result<AccessClaims, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| classify_bad_header(token))?;
+        if !header.typ.as_deref().is_some_and(|t| {
+            t.eq_ignore_ascii_case(ACCESS_TOKEN_TYP) || t.eq_ignore_ascii_case("application/at+jwt")
+        }) {
+            return Err(TokenError::WrongType);
+        }
+        let kid = header.kid.as_deref().ok_or(TokenError::UnknownKey)?;
+        let (Some(key), Some(validation)) = (self.keys.verify.get(kid), self.validations.get(kid))
+        else {
+            return Err(TokenError::UnknownKey);
+        };
+        if header.alg != key.alg {
+            return Err(TokenError::AlgorithmNotAllowed);
+        }
+        let data = jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, validation)
+            .map_err(|e| map_error(e.into_kind()))?;
+        let claims = data.claims;
+        if now > claims.exp.saturating_add(self.leeway) {
+            return Err(TokenError::Expired);
+        }
+        if claims
+            .nbf
+            .is_some_and(|nbf| nbf > now.saturating_add(self.leeway))
+            || claims.iat > now.saturating_add(self.leeway)
+        {
+            return Err(TokenError::NotYetValid);
+        }
+        for (name, value) in [
+            ("jti", &claims.jti),
+            ("sid", &claims.sid),
+            ("sub", &claims.sub),
+        ] {
+            if value.is_empty() {
+                return Err(TokenError::MissingClaim(name.to_owned()));
+            }
+        }
+        Ok(claims)
+    }
+}
+
+fn map_error(kind: ErrorKind) -> TokenError {
+    match kind {
+        ErrorKind::InvalidSignature => TokenError::BadSignature,
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::UnsupportedAlgorithm
+        | ErrorKind::InvalidKeyFormat
+        | ErrorKind::InvalidEcdsaKey
+        | ErrorKind::InvalidEddsaKey => TokenError::AlgorithmNotAllowed,
+        ErrorKind::ExpiredSignature => TokenError::Expired,
+        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+        ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
+        ErrorKind::InvalidAudience => TokenError::WrongAudience,
+        ErrorKind::MissingRequiredClaim(c) => TokenError::MissingClaim(c),
+        ErrorKind::InvalidClaimFormat(c) => TokenError::MalformedClaims(c),
+        ErrorKind::Json(e) => {
+            let msg = e.to_string();
+            match msg.split('`').nth(1) {
+                Some(field) if msg.starts_with("missing field") => {
+                    TokenError::MissingClaim(field.to_owned())
+                }
+                _ => TokenError::MalformedClaims(msg),
+            }
+        }
+        _ => TokenError::Malformed,
+    }
+}
+
+/// A header the library cannot parse: say plainly when it asks for `alg: none`
+/// (or any algorithm we never accept) rather than "malformed".
+fn classify_bad_header(token: &str) -> TokenError {
+    let Some(first) = token.split('.').next() else {
+        return TokenError::Malformed;
+    };
+    let alg = URL_SAFE_NO_PAD
+        .decode(first.trim_end_matches('='))
+        .ok()
+        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+        .and_then(|h| h.get("alg").and_then(|a| a.as_str()).map(str::to_owned));
+    match alg {
+        Some(_) => TokenError::AlgorithmNotAllowed,
+        None => TokenError::Malformed,
+    }
+}
+
+/// A base64url digest (128 bits) of the client a session is bound to.
+pub fn binding_digest(ip: &str, user_agent: &str) -> String {
+    let mut input = Vec::with_capacity(ip.len() + user_agent.len() + 1);
+    input.extend_from_slice(ip.as_bytes());
+    input.push(0);
+    input.extend_from_slice(user_agent.as_bytes());
+    let digest = crate::config::sha256(&input);
+    URL_SAFE_NO_PAD.encode(&digest[..16])
+}
