@@ -112,15 +112,16 @@ impl RevocationView {
 
     /// `Some(reason)` when the token must be refused.
     pub fn check(&self, ids: TokenIds<'_>) -> Option<RevokedBy> {
-        if self.sessions.contains_key(ids.session_id) {
-            return Some(RevokedBy::Session);
-        }
+        // The widest revocation first, so the reason names what the user or admin did.
         if self
             .users
             .get(ids.subject)
             .is_some_and(|g| ids.generation < g.0)
         {
             return Some(RevokedBy::User);
+        }
+        if self.sessions.contains_key(ids.session_id) {
+            return Some(RevokedBy::Session);
         }
         if self
             .epochs
@@ -196,6 +197,11 @@ mod tests {
             until: 100,
         });
         assert_eq!(view.check(ids(2, 1)), Some(RevokedBy::Session));
+        assert_eq!(
+            view.check(ids(1, 1)),
+            Some(RevokedBy::User),
+            "the widest reason wins"
+        );
     }
 
     #[test]

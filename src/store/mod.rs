@@ -146,7 +146,7 @@ pub fn classify_refresh(
         (Some(_), Some("reauth")) => RotateAction::Reject(RefreshRejection::Superseded),
         (Some(_), Some("revoked")) => RotateAction::Reject(RefreshRejection::SessionRevoked),
         (Some(retired), _) => {
-            if has_current_child && now - retired <= grace_secs && token.expires_at > now {
+            if has_current_child && now - retired < grace_secs && token.expires_at > now {
                 RotateAction::GraceSibling
             } else {
                 RotateAction::Reuse
@@ -289,11 +289,16 @@ mod tests {
         let s = session();
         let t = token(Some((100, "rotated")));
         assert_eq!(
-            classify_refresh(&t, &s, 0, true, 110, 10),
+            classify_refresh(&t, &s, 0, true, 109, 10),
             RotateAction::GraceSibling
         );
         assert_eq!(
-            classify_refresh(&t, &s, 0, true, 111, 10),
+            classify_refresh(&t, &s, 0, true, 110, 10),
+            RotateAction::Reuse
+        );
+        // A zero window forgives nothing, not even the same second.
+        assert_eq!(
+            classify_refresh(&t, &s, 0, true, 100, 0),
             RotateAction::Reuse
         );
         // Two steps back: its child is itself retired, so there is no current child.

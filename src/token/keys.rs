@@ -352,7 +352,8 @@ pub fn generate(alg: KeyAlgorithm) -> Result<String, KeyError> {
             .map_err(|_| KeyError::Generate)?
             .as_ref()
             .to_vec(),
-        KeyAlgorithm::EdDSA => Ed25519KeyPair::generate_pkcs8(&rng)
+        // PKCS#8 v1, as `openssl genpkey -algorithm ED25519` writes: other tools read it.
+        KeyAlgorithm::EdDSA => Ed25519KeyPair::generate_pkcs8v1(&rng)
             .map_err(|_| KeyError::Generate)?
             .as_ref()
             .to_vec(),

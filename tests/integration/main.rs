@@ -1,0 +1,8 @@
+//! The integration test binary: the real server on loopback ports, real SQLite
+//! files and a real PostgreSQL, and a real JWT library from another language.
+
+mod api;
+mod interop;
+mod store;
+mod support;
+mod tokens;

@@ -1,0 +1,513 @@
+//! One storage conformance suite, run against SQLite and against PostgreSQL.
+
+use std::sync::Arc;
+
+use tokenwarden::revocation::Change;
+use tokenwarden::store::{
+    self, NewRefresh, ReauthRequest, RefreshRejection, RevokedJti, RotateOutcome, RotateRequest,
+    STATE_ACTIVE, Seen, SessionRecord, SharedStore,
+};
+
+use crate::support::{Backend, T0, TestDb, database};
+
+async fn open_store(backend: Backend) -> Option<(TestDb, SharedStore)> {
+    let db = database(backend).await?;
+    let store = store::connect(&db.url).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    // Migrations are idempotent.
+    store.migrate().await.expect("migrate twice");
+    Some((db, store))
+}
+
+fn session(id: &str, subject: &str, created_at: i64, generation: i64) -> SessionRecord {
+    SessionRecord {
+        session_id: id.into(),
+        subject: subject.into(),
+        created_at,
+        last_seen_at: created_at,
+        auth_time: created_at,
+        ip: "203.0.113.7".into(),
+        user_agent: "ua".into(),
+        binding: "bnd".into(),
+        acr: Some("urn:mfa".into()),
+        amr: Some("[\"pwd\",\"otp\"]".into()),
+        claims: None,
+        state: STATE_ACTIVE.into(),
+        revoked_at: None,
+        revoked_reason: None,
+        epoch: 0,
+        epoch_until: 0,
+        user_generation: generation,
+        access_exp_max: created_at + 300,
+    }
+}
+
+fn refresh(hash: &str, at: i64) -> NewRefresh {
+    NewRefresh {
+        token_hash: hash.into(),
+        issued_at: at,
+        expires_at: at + 3600,
+    }
+}
+
+fn rotate(presented: &str, next: &str, at: i64, grace: i64) -> RotateRequest {
+    RotateRequest {
+        presented_hash: presented.into(),
+        next: refresh(next, at),
+        grace_secs: grace,
+        seen: Seen {
+            at,
+            ip: "203.0.113.7".into(),
+            user_agent: "ua".into(),
+        },
+        access_exp: at + 300,
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(super::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(super::Backend::Postgres).await })*
+        }
+    };
+}
+
+conformance!(
+    sessions_round_trip_and_list_newest_first,
+    rotation_retires_the_presented_token_and_stores_its_child,
+    the_immediate_predecessor_is_forgiven_only_inside_the_grace_window,
+    reuse_outside_the_grace_window_revokes_the_session,
+    a_token_two_steps_back_is_reuse_even_inside_the_grace_window,
+    unknown_and_expired_refresh_tokens_are_rejected_without_alarm,
+    reauth_bumps_the_epoch_and_supersedes_old_refresh_tokens,
+    revoking_a_session_is_idempotent_and_unknown_sessions_are_none,
+    logout_everywhere_bumps_the_generation_and_kills_older_sessions,
+    revocation_snapshot_holds_exactly_what_can_still_matter,
+    concurrent_presentations_of_one_token_rotate_it_exactly_once,
+);
+
+async fn sessions_round_trip_and_list_newest_first(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    let a = session("s-a", "alice", T0, 0);
+    let b = session("s-b", "alice", T0 + 10, 0);
+    store.create_session(&a, &refresh("h-a", T0)).await.unwrap();
+    store
+        .create_session(&b, &refresh("h-b", T0 + 10))
+        .await
+        .unwrap();
+    store
+        .create_session(&session("s-c", "bob", T0, 0), &refresh("h-c", T0))
+        .await
+        .unwrap();
+    assert_eq!(store.session("s-a").await.unwrap(), Some(a));
+    assert_eq!(store.session("nope").await.unwrap(), None);
+    let listed: Vec<String> = store
+        .sessions_of("alice")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    assert_eq!(listed, ["s-b", "s-a"]);
+    let token = store.refresh_token("h-a").await.unwrap().unwrap();
+    assert_eq!((token.session_id.as_str(), token.retired_at), ("s-a", None));
+    // Refresh token hashes are unique: a second session cannot reuse one.
+    assert!(
+        store
+            .create_session(&session("s-d", "dan", T0, 0), &refresh("h-a", T0))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        store.session("s-d").await.unwrap(),
+        None,
+        "the failed insert left nothing behind"
+    );
+}
+
+async fn rotation_retires_the_presented_token_and_stores_its_child(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    store
+        .create_session(&session("s", "alice", T0, 0), &refresh("h0", T0))
+        .await
+        .unwrap();
+    let out = store
+        .rotate_refresh(&rotate("h0", "h1", T0 + 60, 10))
+        .await
+        .unwrap();
+    let RotateOutcome::Rotated(s) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!((s.last_seen_at, s.access_exp_max), (T0 + 60, T0 + 360));
+    let old = store.refresh_token("h0").await.unwrap().unwrap();
+    assert_eq!(
+        (old.retired_at, old.retired_reason.as_deref()),
+        (Some(T0 + 60), Some("rotated"))
+    );
+    let new = store.refresh_token("h1").await.unwrap().unwrap();
+    assert_eq!(
+        (new.parent_hash.as_deref(), new.retired_at),
+        (Some("h0"), None)
+    );
+}
+
+async fn the_immediate_predecessor_is_forgiven_only_inside_the_grace_window(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    store
+        .create_session(&session("s", "alice", T0, 0), &refresh("h0", T0))
+        .await
+        .unwrap();
+    store
+        .rotate_refresh(&rotate("h0", "h1", T0 + 60, 10))
+        .await
+        .unwrap();
+    // A racing request with the old token 9 s later gets a sibling of h1.
+    let out = store
+        .rotate_refresh(&rotate("h0", "h1b", T0 + 69, 10))
+        .await
+        .unwrap();
+    assert!(matches!(out, RotateOutcome::Rotated(_)), "{out:?}");
+    assert_eq!(
+        store.refresh_token("h1").await.unwrap().unwrap().retired_at,
+        None
+    );
+    assert_eq!(
+        store
+            .refresh_token("h1b")
+            .await
+            .unwrap()
+            .unwrap()
+            .retired_at,
+        None
+    );
+    // Using one sibling retires the other.
+    store
+        .rotate_refresh(&rotate("h1b", "h2", T0 + 80, 10))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .refresh_token("h1")
+            .await
+            .unwrap()
+            .unwrap()
+            .retired_at
+            .is_some()
+    );
+}
+
+async fn reuse_outside_the_grace_window_revokes_the_session(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    store
+        .create_session(&session("s", "alice", T0, 0), &refresh("h0", T0))
+        .await
+        .unwrap();
+    store
+        .rotate_refresh(&rotate("h0", "h1", T0 + 60, 10))
+        .await
+        .unwrap();
+    let out = store
+        .rotate_refresh(&rotate("h0", "hx", T0 + 70, 10))
+        .await
+        .unwrap();
+    let RotateOutcome::Reused(s) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        (s.state.as_str(), s.revoked_reason.as_deref()),
+        ("revoked", Some("refresh_reuse"))
+    );
+    assert_eq!(
+        store.refresh_token("hx").await.unwrap(),
+        None,
+        "no token issued on reuse"
+    );
+    // The legitimate holder's current token is dead too.
+    let out = store
+        .rotate_refresh(&rotate("h1", "h2", T0 + 71, 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        RotateOutcome::Rejected(RefreshRejection::SessionRevoked)
+    );
+}
+
+async fn a_token_two_steps_back_is_reuse_even_inside_the_grace_window(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    store
+        .create_session(&session("s", "alice", T0, 0), &refresh("h0", T0))
+        .await
+        .unwrap();
+    store
+        .rotate_refresh(&rotate("h0", "h1", T0 + 1, 10))
+        .await
+        .unwrap();
+    store
+        .rotate_refresh(&rotate("h1", "h2", T0 + 2, 10))
+        .await
+        .unwrap();
+    let out = store
+        .rotate_refresh(&rotate("h0", "hx", T0 + 3, 10))
+        .await
+        .unwrap();
+    assert!(matches!(out, RotateOutcome::Reused(_)), "{out:?}");
+}
+
+async fn unknown_and_expired_refresh_tokens_are_rejected_without_alarm(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    store
+        .create_session(&session("s", "alice", T0, 0), &refresh("h0", T0))
+        .await
+        .unwrap();
+    let out = store
+        .rotate_refresh(&rotate("nope", "h1", T0 + 1, 10))
+        .await
+        .unwrap();
+    assert_eq!(out, RotateOutcome::Rejected(RefreshRejection::Unknown));
+    let out = store
+        .rotate_refresh(&rotate("h0", "h1", T0 + 3600, 10))
+        .await
+        .unwrap();
+    assert_eq!(out, RotateOutcome::Rejected(RefreshRejection::Expired));
+    assert!(!store.session("s").await.unwrap().unwrap().is_revoked());
+    assert_eq!(store.refresh_token("h1").await.unwrap(), None);
+}
+
+async fn reauth_bumps_the_epoch_and_supersedes_old_refresh_tokens(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    store
+        .create_session(&session("s", "alice", T0, 0), &refresh("h0", T0))
+        .await
+        .unwrap();
+    let request = ReauthRequest {
+        session_id: "s".into(),
+        seen: Seen {
+            at: T0 + 100,
+            ip: "198.51.100.9".into(),
+            user_agent: "new-ua".into(),
+        },
+        binding: "bnd2".into(),
+        next: refresh("r1", T0 + 100),
+        access_exp: T0 + 400,
+    };
+    let s = store.reauth(&request).await.unwrap().unwrap();
+    assert_eq!(
+        (s.epoch, s.epoch_until, s.access_exp_max),
+        (1, T0 + 300, T0 + 400)
+    );
+    assert_eq!(
+        (s.ip.as_str(), s.binding.as_str(), s.auth_time),
+        ("198.51.100.9", "bnd2", T0 + 100)
+    );
+    let out = store
+        .rotate_refresh(&rotate("h0", "hx", T0 + 101, 10))
+        .await
+        .unwrap();
+    assert_eq!(out, RotateOutcome::Rejected(RefreshRejection::Superseded));
+    assert!(
+        !store.session("s").await.unwrap().unwrap().is_revoked(),
+        "superseded is not theft evidence"
+    );
+    assert!(matches!(
+        store
+            .rotate_refresh(&rotate("r1", "r2", T0 + 102, 10))
+            .await
+            .unwrap(),
+        RotateOutcome::Rotated(_)
+    ));
+    let unknown = ReauthRequest {
+        session_id: "nope".into(),
+        ..request
+    };
+    assert_eq!(store.reauth(&unknown).await.unwrap(), None);
+}
+
+async fn revoking_a_session_is_idempotent_and_unknown_sessions_are_none(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    store
+        .create_session(&session("s", "alice", T0, 0), &refresh("h0", T0))
+        .await
+        .unwrap();
+    let first = store
+        .revoke_session("s", "logout", T0 + 5)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (first.revoked_at, first.revoked_reason.as_deref()),
+        (Some(T0 + 5), Some("logout"))
+    );
+    let second = store
+        .revoke_session("s", "other", T0 + 9)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        second.revoked_at,
+        Some(T0 + 5),
+        "the first revocation stands"
+    );
+    assert_eq!(
+        store.revoke_session("nope", "logout", T0).await.unwrap(),
+        None
+    );
+    let out = store
+        .rotate_refresh(&rotate("h0", "h1", T0 + 10, 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        RotateOutcome::Rejected(RefreshRejection::SessionRevoked)
+    );
+}
+
+async fn logout_everywhere_bumps_the_generation_and_kills_older_sessions(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    assert_eq!(store.user_generation("alice").await.unwrap(), 0);
+    store
+        .create_session(&session("s1", "alice", T0, 0), &refresh("h1", T0))
+        .await
+        .unwrap();
+    store
+        .create_session(&session("s2", "alice", T0, 0), &refresh("h2", T0))
+        .await
+        .unwrap();
+    store
+        .create_session(&session("s3", "bob", T0, 0), &refresh("h3", T0))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.revoke_user("alice", T0 + 1, T0 + 301).await.unwrap(),
+        (2, 1)
+    );
+    assert_eq!(
+        store.revoke_user("alice", T0 + 2, T0 + 302).await.unwrap(),
+        (0, 2)
+    );
+    assert_eq!(store.user_generation("alice").await.unwrap(), 2);
+    assert!(store.session("s1").await.unwrap().unwrap().is_revoked());
+    assert!(!store.session("s3").await.unwrap().unwrap().is_revoked());
+    // A session opened with a generation read before the bump cannot refresh.
+    store
+        .create_session(&session("s4", "alice", T0, 1), &refresh("h4", T0))
+        .await
+        .unwrap();
+    let out = store
+        .rotate_refresh(&rotate("h4", "h5", T0 + 3, 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        RotateOutcome::Rejected(RefreshRejection::SessionRevoked)
+    );
+}
+
+async fn revocation_snapshot_holds_exactly_what_can_still_matter(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    store
+        .create_session(&session("s1", "alice", T0, 0), &refresh("h1", T0))
+        .await
+        .unwrap();
+    store
+        .create_session(&session("s2", "bob", T0, 0), &refresh("h2", T0))
+        .await
+        .unwrap();
+    store.revoke_session("s1", "logout", T0 + 1).await.unwrap();
+    store.revoke_user("carol", T0 + 1, T0 + 301).await.unwrap();
+    for (jti, exp) in [("j-live", T0 + 200), ("j-dead", T0 + 50)] {
+        let j = RevokedJti {
+            jti: jti.into(),
+            session_id: "s2".into(),
+            subject: "bob".into(),
+            exp,
+            revoked_at: T0 + 1,
+            reason: "rfc7009".into(),
+        };
+        store.revoke_jti(&j).await.unwrap();
+        store.revoke_jti(&j).await.unwrap();
+    }
+    let mut got = store.revocations(T0 + 100).await.unwrap();
+    got.sort_by_key(|c| format!("{c:?}"));
+    let mut want = vec![
+        Change::JtiRevoked {
+            jti: "j-live".into(),
+            until: T0 + 200,
+        },
+        Change::SessionRevoked {
+            session_id: "s1".into(),
+            until: T0 + 300,
+        },
+        Change::UserGeneration {
+            subject: "carol".into(),
+            generation: 1,
+            until: T0 + 301,
+        },
+    ];
+    want.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(got, want);
+    assert!(store.revocations(T0 + 1000).await.unwrap().is_empty());
+}
+
+async fn concurrent_presentations_of_one_token_rotate_it_exactly_once(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    store
+        .create_session(&session("s", "alice", T0, 0), &refresh("h0", T0))
+        .await
+        .unwrap();
+    let store: Arc<dyn store::Store> = store;
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .rotate_refresh(&rotate("h0", &format!("n{i}"), T0 + 1, 0))
+                    .await
+            })
+        })
+        .collect();
+    let mut rotated = 0;
+    for t in tasks {
+        // No "database is locked": every attempt gets an answer.
+        match t
+            .await
+            .unwrap()
+            .expect("no database error under contention")
+        {
+            RotateOutcome::Rotated(_) => rotated += 1,
+            RotateOutcome::Reused(_)
+            | RotateOutcome::Rejected(RefreshRejection::SessionRevoked) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(rotated, 1);
+    assert!(
+        store.session("s").await.unwrap().unwrap().is_revoked(),
+        "with no grace, the replays are theft"
+    );
+}
