@@ -668,6 +668,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses_with_every_key() {
+        let file: FileConfig =
+            toml::from_str(include_str!("../examples/tokenwarden.toml")).unwrap();
+        assert_eq!(file.apps.len(), 1);
+        assert_eq!(file.keys.len(), 2);
+        assert_eq!(file.tokens.signing_kid.as_deref(), Some("2026-11"));
+    }
+
+    #[test]
     fn secrets_do_not_leak_through_debug() {
         let s = Settings::resolve(
             FileConfig::default(),
