@@ -9,10 +9,14 @@ pub mod cli;
 pub mod clock;
 /// Typed, validated configuration: TOML file plus `TOKENWARDEN_*` overrides.
 pub mod config;
+/// Request enrichment: GeoIP location and ASN, network prefix, user-agent fingerprint.
+pub mod enrich;
 /// The HTTP layer: routers, extractors, the error type and the application runner.
 pub mod http;
 /// In-memory revocation state read by every verification (no database on the hot path).
 pub mod revocation;
+/// The risk engine: rule files, detectors, scoring (a pure function) and per-session state.
+pub mod risk;
 /// Sessions: open, refresh rotation with reuse detection, reauth, logout, verify.
 pub mod session;
 /// Durable state: the `Store` trait and its SQLite and PostgreSQL implementations.

@@ -1,0 +1,68 @@
+//! `concurrent_use`: one session used from two network fingerprints, interleaved
+//! (A, then B, then A again) within a window — two holders of one token, not one
+//! user who moved. The fingerprint is the IP, prefix or ASN, plus by default the
+//! user-agent fingerprint.
+
+use super::hit;
+use crate::enrich::ClientInfo;
+use crate::risk::rules::{ConcurrentUse, NetworkBy};
+use crate::risk::{Hit, RequestContext, SessionView};
+
+fn fingerprint(p: &ConcurrentUse, c: &ClientInfo) -> String {
+    let net = match p.by {
+        NetworkBy::Ip => c.ip.to_string(),
+        NetworkBy::Prefix => c.prefix.to_string(),
+        NetworkBy::Asn => c.asn.map_or_else(|| c.prefix.to_string(), |a| format!("AS{a}")),
+    };
+    if p.include_user_agent {
+        format!("{net}|{}", c.ua.key())
+    } else {
+        net
+    }
+}
+
+pub fn evaluate(p: &ConcurrentUse, ctx: &RequestContext<'_>, view: &SessionView<'_>) -> Option<Hit> {
+    let since = ctx.at_ms - p.window_secs.saturating_mul(1000);
+    let current = fingerprint(p, ctx.client);
+    let mut seen_current = false;
+    let mut other: Option<String> = None;
+    for obs in view.recent.iter().filter(|o| o.at_ms >= since) {
+        let f = fingerprint(p, &obs.client);
+        if f == current {
+            seen_current = true;
+        } else if seen_current {
+            other = Some(f);
+        }
+    }
+    let other = other?;
+    Some(hit(
+        ctx,
+        format!("used alternately from {current} and {other} within {}s", p.window_secs),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::risk::Observation;
+    use crate::risk::detectors::fixtures::*;
+
+    #[test]
+    fn alternating_networks_fire_but_moving_once_does_not() {
+        let (a, b) = (oslo(), lagos());
+        let p = ConcurrentUse {
+            window_secs: 300,
+            by: NetworkBy::Prefix,
+            include_user_agent: true,
+        };
+        let obs = |c: &ClientInfo, at_ms| Observation { at_ms, client: c.clone() };
+        let moved = [obs(&a, 0), obs(&a, 1000), obs(&b, 2000)];
+        let mut v = view(&a, None);
+        v.recent = &moved;
+        assert!(evaluate(&p, &ctx(&b, 3000), &v).is_none(), "A A B then B: moved once");
+        let alternating = [obs(&a, 0), obs(&b, 1000)];
+        v.recent = &alternating;
+        assert!(evaluate(&p, &ctx(&a, 2000), &v).is_some(), "A B A");
+        assert!(evaluate(&p, &ctx(&a, 400_000), &v).is_none(), "outside the window");
+    }
+}

@@ -1,0 +1,209 @@
+//! What the engine remembers between requests: per session (binding, recent
+//! requests, decayed risk, step-up flag) and per user (last request anywhere,
+//! bounded history of countries and ASNs). [`assess`] runs the engine on a
+//! session's state and folds the result back in; callers persist what must be
+//! durable (step-up, revocations).
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Decision, Evaluation, Observation, RateLimiters, RequestContext, RuleSet, SessionView, evaluate};
+use crate::enrich::ClientInfo;
+
+/// Requests remembered per session (concurrent-use window).
+pub const RECENT_PER_SESSION: usize = 8;
+/// Countries and ASNs remembered per user.
+pub const HISTORY_PER_USER: usize = 16;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionState {
+    pub subject: String,
+    pub binding: Option<ClientInfo>,
+    pub recent: VecDeque<Observation>,
+    pub risk: f64,
+    pub risk_at_ms: i64,
+    pub step_up: bool,
+}
+
+impl SessionState {
+    pub fn new(subject: &str, binding: Option<ClientInfo>) -> Self {
+        Self {
+            subject: subject.to_owned(),
+            binding,
+            ..Self::default()
+        }
+    }
+
+    /// After re-authentication: new binding, risk and step-up cleared, history kept.
+    pub fn rebind(&mut self, binding: ClientInfo) {
+        self.binding = Some(binding);
+        self.risk = 0.0;
+        self.step_up = false;
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UserState {
+    pub last: Option<Observation>,
+    pub countries: VecDeque<String>,
+    pub asns: VecDeque<u32>,
+}
+
+impl UserState {
+    /// Remembers where the user legitimately is (bounded; oldest forgotten first).
+    pub fn learn(&mut self, client: &ClientInfo) {
+        if let Some(c) = &client.country
+            && !self.countries.contains(c)
+        {
+            if self.countries.len() == HISTORY_PER_USER {
+                self.countries.pop_front();
+            }
+            self.countries.push_back(c.clone());
+        }
+        if let Some(a) = client.asn
+            && !self.asns.contains(&a)
+        {
+            if self.asns.len() == HISTORY_PER_USER {
+                self.asns.pop_front();
+            }
+            self.asns.push_back(a);
+        }
+    }
+}
+
+/// Scores the request against the session and user state, then updates both.
+pub fn assess(
+    rules: &RuleSet,
+    limiters: &RateLimiters,
+    ctx: &RequestContext<'_>,
+    session: &mut SessionState,
+    user: &mut UserState,
+) -> Evaluation {
+    session.recent.make_contiguous();
+    user.countries.make_contiguous();
+    user.asns.make_contiguous();
+    let evaluation = {
+        let recent = session.recent.as_slices().0;
+        let view = SessionView {
+            binding: session.binding.as_ref(),
+            last: recent.last(),
+            user_last: user.last.as_ref(),
+            recent,
+            known_countries: user.countries.as_slices().0,
+            known_asns: user.asns.as_slices().0,
+            risk: session.risk,
+            risk_at_ms: session.risk_at_ms,
+            step_up: session.step_up,
+        };
+        evaluate(rules, limiters, ctx, &view)
+    };
+    session.risk = evaluation.session_risk;
+    session.risk_at_ms = ctx.at_ms;
+    if evaluation.decision == Decision::StepUp {
+        session.step_up = true;
+    }
+    let observation = Observation {
+        at_ms: ctx.at_ms,
+        client: ctx.client.clone(),
+    };
+    if session.recent.len() == RECENT_PER_SESSION {
+        session.recent.pop_front();
+    }
+    session.recent.push_back(observation.clone());
+    user.last = Some(observation);
+    // Only requests we let through teach us where the user is.
+    if evaluation.decision == Decision::Allow {
+        user.learn(ctx.client);
+    }
+    evaluation
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::risk::decayed_risk;
+    use crate::risk::detectors::fixtures::*;
+
+    fn rules() -> RuleSet {
+        RuleSet::parse(
+            "t",
+            r#"
+            [settings]
+            risk_half_life = "10m"
+            [thresholds]
+            step_up = 40
+            revoke = 80
+            [[rule]]
+            id = "country"
+            points = 50
+            message = "Activity from {city}, {country} {minutes} minutes after {prev_city}."
+            ip_binding = { tier = "country" }
+            [[rule]]
+            id = "travel"
+            points = 40
+            mode = "shadow"
+            geo_velocity = {}
+            "#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_stolen_token_abroad_steps_up_then_revokes_and_shadow_rules_only_report() {
+        let clock = Arc::new(ManualClock::at(1_800_000_000));
+        let limiters = RateLimiters::new(clock, 100);
+        let rules = rules();
+        let (home, thief) = (oslo(), lagos());
+        let mut s = SessionState::new("alice", Some(home.clone()));
+        let mut u = UserState::default();
+        let e = assess(&rules, &limiters, &ctx(&home, 0), &mut s, &mut u);
+        assert_eq!(e.decision, Decision::Allow);
+        let e = assess(&rules, &limiters, &ctx(&thief, 120_000), &mut s, &mut u);
+        assert_eq!(e.decision, Decision::StepUp);
+        assert_eq!(e.score, 50, "the shadow rule's points do not count");
+        assert_eq!(e.shadow_decision, Decision::Revoke, "with the shadow rule it would revoke");
+        assert!(e.reasons.iter().any(|r| r.rule == "travel" && r.mode == crate::risk::ReasonMode::Shadow));
+        assert_eq!(
+            e.user_message.as_deref(),
+            Some("Activity from Lagos, NG 2 minutes after Oslo.")
+        );
+        assert!(s.step_up);
+        let e = assess(&rules, &limiters, &ctx(&thief, 180_000), &mut s, &mut u);
+        assert_eq!(e.decision, Decision::Revoke, "risk accumulates: {}", e.session_risk);
+        assert_eq!(u.countries, ["NO"], "the thief's country was not learned");
+    }
+
+    #[test]
+    fn step_up_sticks_until_rebind() {
+        let clock = Arc::new(ManualClock::at(1_800_000_000));
+        let limiters = RateLimiters::new(clock, 100);
+        let rules = rules();
+        let home = oslo();
+        let mut s = SessionState::new("alice", Some(home.clone()));
+        s.step_up = true;
+        let mut u = UserState::default();
+        assert_eq!(assess(&rules, &limiters, &ctx(&home, 0), &mut s, &mut u).decision, Decision::StepUp);
+        s.rebind(home.clone());
+        assert_eq!(assess(&rules, &limiters, &ctx(&home, 1), &mut s, &mut u).decision, Decision::Allow);
+    }
+
+    proptest! {
+        #[test]
+        fn risk_is_never_negative_and_only_decays(
+            risk in -10.0f64..1e6, t0 in 0i64..1_000_000_000, dt1 in 0i64..1_000_000_000, dt2 in 0i64..1_000_000_000,
+            half_life in 1.0f64..1e6,
+        ) {
+            let r1 = decayed_risk(risk, t0, t0 + dt1, half_life);
+            let r2 = decayed_risk(risk, t0, t0 + dt1 + dt2, half_life);
+            prop_assert!(r1 >= 0.0 && r2 >= 0.0);
+            prop_assert!(r2 <= r1);
+            prop_assert!(r1 <= risk.max(0.0));
+        }
+    }
+}
