@@ -13,6 +13,8 @@ pub mod config;
 pub mod enrich;
 /// The HTTP layer: routers, extractors, the error type and the application runner.
 pub mod http;
+/// The live risk engine: active rules, enrichment, rate limiters, session and user state.
+pub mod monitor;
 /// In-memory revocation state read by every verification (no database on the hot path).
 pub mod revocation;
 /// The risk engine: rule files, detectors, scoring (a pure function) and per-session state.

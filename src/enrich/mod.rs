@@ -113,7 +113,11 @@ impl Enricher {
 /// The network an address belongs to, at the configured prefix length.
 pub fn network_prefix(ip: IpAddr, v4: u8, v6: u8) -> IpNet {
     let ip = ip.to_canonical();
-    let len = if ip.is_ipv4() { v4.min(32) } else { v6.min(128) };
+    let len = if ip.is_ipv4() {
+        v4.min(32)
+    } else {
+        v6.min(128)
+    };
     IpNet::new(ip, len)
         .map(|n| n.trunc())
         .unwrap_or_else(|_| IpNet::from(ip))

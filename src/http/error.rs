@@ -28,6 +28,11 @@ pub enum ApiError {
         detail: String,
     },
     NotFound(&'static str),
+    /// Over a rate rule: try again after `retry_after` seconds.
+    TooManyRequests {
+        retry_after: u64,
+        detail: String,
+    },
     Conflict {
         code: &'static str,
         detail: String,
@@ -121,6 +126,22 @@ impl IntoResponse for ApiError {
                 body["reason"] = code.into();
                 problem_response(StatusCode::UNAUTHORIZED, body)
             }
+            Self::TooManyRequests {
+                retry_after,
+                detail,
+            } => {
+                let mut body = problem(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "Too many requests",
+                    &detail,
+                );
+                body["retry_after"] = retry_after.into();
+                let mut r = problem_response(StatusCode::TOO_MANY_REQUESTS, body);
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+                r
+            }
             Self::NotFound(what) => problem_response(
                 StatusCode::NOT_FOUND,
                 problem(StatusCode::NOT_FOUND, "not_found", "Not found", what),
@@ -162,6 +183,7 @@ impl From<TokenError> for ApiError {
 
 impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
+        let message = e.to_string();
         match e {
             SessionError::InvalidGrant(code) => Self::InvalidGrant {
                 code: code.code(),
@@ -175,6 +197,18 @@ impl From<SessionError> for ApiError {
             SessionError::Revoked => Self::Conflict {
                 code: "session_revoked",
                 detail: "the session is revoked; open a new one".into(),
+            },
+            SessionError::StepUpRequired(ev) => Self::InvalidGrant {
+                code: "step_up_required",
+                detail: ev.user_message.unwrap_or(message),
+            },
+            SessionError::RiskRevoked(ev) => Self::InvalidGrant {
+                code: "session_revoked_by_rules",
+                detail: ev.user_message.unwrap_or(message),
+            },
+            SessionError::Denied(ev) => Self::TooManyRequests {
+                retry_after: ev.retry_after.unwrap_or(1),
+                detail: ev.user_message.unwrap_or(message),
             },
             SessionError::Token(TokenError::Signing) => Self::Internal(e.to_string()),
             SessionError::Token(t) => t.into(),

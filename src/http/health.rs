@@ -36,7 +36,9 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
             "status": if ready { "ready" } else { "not_ready" },
             "database": { "backend": store.backend(), "status": database },
             "revocations_in_memory": state.sessions.view().len(),
-            "risk_engine": "not enabled in this version: decisions use signature, claims and revocation only",
+            "sessions_in_memory": state.sessions.monitor().sessions_in_memory(),
+            "rules": state.sessions.monitor().rules_status(),
+            "geoip": state.sessions.monitor().enricher().geoip().status(),
         })),
     )
 }

@@ -7,6 +7,7 @@ mod error;
 mod extract;
 mod health;
 mod oauth;
+mod reload;
 mod sessions;
 mod verify;
 
@@ -27,6 +28,8 @@ pub use verify::{Decision, decide};
 
 use crate::clock::SharedClock;
 use crate::config::{AppCredential, Secret, Settings, sha256, to_hex};
+use crate::enrich::{EnrichConfig, Enricher, UaParser};
+use crate::monitor::Monitor;
 use crate::session::SessionService;
 use crate::store;
 use crate::token::{KeySet, TokenCodec, random_bytes, write_private};
@@ -112,9 +115,33 @@ impl Application {
             );
         }
 
-        let sessions = SessionService::start(store, codec, clock, settings.tokens.clone())
-            .await
-            .context("cannot load revocations")?;
+        let enricher = Enricher::new(
+            EnrichConfig {
+                geoip_city: settings.geoip_city.clone(),
+                geoip_asn: settings.geoip_asn.clone(),
+                ..EnrichConfig::default()
+            },
+            Arc::new(UaParser::new()?),
+        )?;
+        let geo = enricher.geoip().status();
+        if geo.active {
+            tracing::info!(summary = %geo.summary, "GeoIP");
+        } else {
+            tracing::warn!(summary = %geo.summary, "GeoIP");
+        }
+        let monitor = Monitor::new(settings.rules.clone(), Arc::new(enricher), clock.clone())
+            .map_err(|e| anyhow::anyhow!("rule file refused: {e}"))?;
+        let rules = monitor.rules_status();
+        tracing::info!(source = %rules.source, hash = %rules.hash, rules = rules.rules, "rules loaded");
+        let sessions = SessionService::start(
+            store,
+            codec,
+            Arc::new(monitor),
+            clock,
+            settings.tokens.clone(),
+        )
+        .await
+        .context("cannot load revocations")?;
         let state = AppState {
             sessions: Arc::new(sessions),
             apps: Arc::new(apps),
@@ -160,8 +187,17 @@ impl Application {
             loop {
                 tick.tick().await;
                 sessions.prune();
+                sessions.monitor().maintain();
+                match sessions.monitor().enricher().geoip().reload() {
+                    Ok(true) => tracing::info!("GeoIP databases reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "GeoIP reload failed; the previous databases stay")
+                    }
+                }
             }
         });
+        let reloader = reload::spawn(self.state.sessions.monitor().clone());
         let public = axum::serve(
             self.public,
             app(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
@@ -178,6 +214,7 @@ impl Application {
         let _ = stop_tx.send(true);
         let (p, a) = tokio::join!(public, admin);
         pruner.abort();
+        reloader.abort();
         p??;
         a??;
         Ok(())

@@ -1,7 +1,9 @@
 //! The verify API: `/v1/verify` answers with a decision for a request context;
 //! `/v1/forward-auth` reads the gateway's own request and answers 200 or 401.
 
-use axum::extract::State;
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, post};
@@ -9,8 +11,10 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, bearer_challenge};
 use super::extract::{App, JsonBody, bearer};
+use crate::monitor::RequestInfo;
+use crate::risk::{Reason, ReasonMode};
 use crate::session::Verdict;
 
 pub fn router() -> Router<AppState> {
@@ -77,15 +81,7 @@ struct VerifyBody {
     request: RequestContext,
 }
 
-#[derive(Debug, Serialize)]
-pub struct Reason {
-    pub rule: &'static str,
-    pub points: u32,
-    pub mode: &'static str,
-    pub detail: String,
-}
-
-/// The decision, in the shape the risk engine will keep.
+/// The decision, in the shape of the HTTP contract.
 #[derive(Debug, Serialize)]
 pub struct Decision {
     pub decision: &'static str,
@@ -97,9 +93,23 @@ pub struct Decision {
     pub reasons: Vec<Reason>,
     pub user_message: Option<String>,
     pub retry_after: Option<u64>,
+    /// What the decision would be if the shadow rules were enforced.
+    pub shadow_decision: Option<&'static str>,
+    /// The rule set that decided.
+    pub rules_hash: Option<String>,
 }
 
 const SIGN_IN_AGAIN: &str = "Your session has ended. Please sign in again.";
+
+fn reason(rule: &str, detail: String) -> Reason {
+    Reason {
+        rule: rule.to_owned(),
+        kind: rule.to_owned(),
+        points: 0,
+        mode: ReasonMode::Enforce,
+        detail,
+    }
+}
 
 pub fn decide(verdict: Verdict) -> Decision {
     let base = |decision, claims: Option<&crate::token::AccessClaims>| Decision {
@@ -112,29 +122,49 @@ pub fn decide(verdict: Verdict) -> Decision {
         reasons: Vec::new(),
         user_message: None,
         retry_after: None,
+        shadow_decision: None,
+        rules_hash: None,
     };
     match verdict {
-        Verdict::Allow(claims) => base("allow", Some(&claims)),
+        Verdict::Assessed(claims, e) => Decision {
+            score: e.score,
+            session_risk: e.session_risk,
+            reasons: e.reasons,
+            user_message: e.user_message,
+            retry_after: e.retry_after,
+            shadow_decision: Some(e.shadow_decision.as_str()),
+            rules_hash: Some(e.rules_hash),
+            ..base(e.decision.as_str(), Some(&claims))
+        },
         Verdict::Revoked(claims, by) => Decision {
-            reasons: vec![Reason {
-                rule: "revocation",
-                points: 0,
-                mode: "enforce",
-                detail: by.code().to_owned(),
-            }],
+            reasons: vec![reason("revocation", by.code().to_owned())],
             user_message: Some(SIGN_IN_AGAIN.to_owned()),
             ..base("revoke", Some(&claims))
         },
         Verdict::Invalid(e) => Decision {
-            reasons: vec![Reason {
-                rule: "token",
-                points: 0,
-                mode: "enforce",
-                detail: format!("{}: {e}", e.code()),
-            }],
+            reasons: vec![reason("token", format!("{}: {e}", e.code()))],
             user_message: Some(SIGN_IN_AGAIN.to_owned()),
             ..base("invalid", None)
         },
+    }
+}
+
+impl RequestContext {
+    fn info(&self) -> RequestInfo {
+        RequestInfo {
+            ip: self
+                .ip
+                .as_deref()
+                .and_then(|ip| ip.trim().parse::<IpAddr>().ok())
+                .map(|ip| ip.to_canonical()),
+            user_agent: self.user_agent.clone(),
+            method: self.method.clone(),
+            path: self.path.clone(),
+            referrer: self.referrer.clone(),
+            origin: self.origin.clone(),
+            sec_fetch_site: self.sec_fetch_site.clone(),
+            cost: self.cost,
+        }
     }
 }
 
@@ -144,7 +174,11 @@ async fn verify(
     JsonBody(body): JsonBody<VerifyBody>,
 ) -> Result<Json<Decision>, ApiError> {
     body.request.validate()?;
-    Ok(Json(decide(state.sessions.verify(&body.token))))
+    let verdict = state
+        .sessions
+        .verify(&body.token, &body.request.info())
+        .await?;
+    Ok(Json(decide(verdict)))
 }
 
 /// Identity headers the gateway copies upstream.
@@ -152,7 +186,61 @@ const SUBJECT_HEADER: &str = "x-auth-subject";
 const SESSION_HEADER: &str = "x-auth-session";
 const RISK_HEADER: &str = "x-auth-risk";
 
-async fn forward_auth(State(state): State<AppState>, headers: HeaderMap) -> Response {
+fn header(headers: &HeaderMap, names: &[&str]) -> Option<String> {
+    names
+        .iter()
+        .find_map(|n| headers.get(*n))
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= MAX_CONTEXT_FIELD)
+        .map(str::to_owned)
+}
+
+/// The protected request as the gateway describes it.
+fn forwarded_request(headers: &HeaderMap, peer: SocketAddr) -> RequestInfo {
+    RequestInfo {
+        ip: Some(peer.ip().to_canonical()),
+        user_agent: header(headers, &["user-agent"]),
+        method: header(headers, &["x-original-method", "x-forwarded-method"]),
+        path: header(headers, &["x-original-uri", "x-forwarded-uri"]),
+        referrer: header(headers, &["referer"]),
+        origin: header(headers, &["origin"]),
+        sec_fetch_site: header(headers, &["sec-fetch-site"]),
+        cost: None,
+    }
+}
+
+fn problem(status: StatusCode, d: &Decision, challenge: Option<HeaderValue>) -> Response {
+    let body = serde_json::json!({
+        "type": format!("urn:tokenwarden:problem:{}", d.decision),
+        "title": match d.decision { "step_up" => "Re-authentication required", "deny" => "Too many requests", _ => "Invalid token" },
+        "status": status.as_u16(),
+        "decision": d.decision,
+        "user_message": d.user_message,
+        "reasons": d.reasons,
+        "retry_after": d.retry_after,
+    });
+    let mut r = (status, Json(body)).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Some(c) = challenge {
+        h.insert(header::WWW_AUTHENTICATE, c);
+    }
+    if let Some(secs) = d.retry_after
+        && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+    {
+        h.insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+async fn forward_auth(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     let Some(token) = bearer(&headers) else {
         let mut r = (StatusCode::UNAUTHORIZED, "").into_response();
         r.headers_mut().insert(
@@ -161,24 +249,55 @@ async fn forward_auth(State(state): State<AppState>, headers: HeaderMap) -> Resp
         );
         return r;
     };
-    match state.sessions.verify(token) {
-        Verdict::Allow(claims) => {
+    let verdict = match state
+        .sessions
+        .verify(token, &forwarded_request(&headers, peer))
+        .await
+    {
+        Ok(v) => v,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let d = decide(verdict);
+    match d.decision {
+        "allow" => {
             let mut r = StatusCode::OK.into_response();
             let h = r.headers_mut();
-            if let Ok(v) = HeaderValue::from_str(&claims.sub) {
-                h.insert(SUBJECT_HEADER, v);
+            for (name, value) in [
+                (SUBJECT_HEADER, d.subject.as_deref()),
+                (SESSION_HEADER, d.session_id.as_deref()),
+            ] {
+                if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+                    h.insert(name, v);
+                }
             }
-            if let Ok(v) = HeaderValue::from_str(&claims.sid) {
-                h.insert(SESSION_HEADER, v);
+            if let Ok(v) = HeaderValue::from_str(&format!("{:.0}", d.session_risk)) {
+                h.insert(RISK_HEADER, v);
             }
-            h.insert(RISK_HEADER, HeaderValue::from_static("0"));
             r
         }
-        Verdict::Revoked(_, by) => ApiError::InvalidToken {
-            code: by.code(),
-            detail: "the token has been revoked".into(),
+        // RFC 9470: the token is fine, the authentication event is not recent enough.
+        "step_up" => {
+            let description = d.user_message.clone().unwrap_or_default();
+            let challenge = bearer_challenge("insufficient_user_authentication", &description);
+            let challenge = HeaderValue::from_str(&format!(
+                "{}, max_age=0",
+                challenge.to_str().unwrap_or("Bearer")
+            ))
+            .unwrap_or(challenge);
+            problem(StatusCode::UNAUTHORIZED, &d, Some(challenge))
         }
-        .into_response(),
-        Verdict::Invalid(e) => ApiError::from(e).into_response(),
+        "deny" => problem(StatusCode::TOO_MANY_REQUESTS, &d, None),
+        _ => {
+            let detail = d
+                .reasons
+                .first()
+                .map(|r| r.detail.clone())
+                .unwrap_or_default();
+            problem(
+                StatusCode::UNAUTHORIZED,
+                &d,
+                Some(bearer_challenge("invalid_token", &detail)),
+            )
+        }
     }
 }

@@ -28,7 +28,10 @@ pub fn unknown_placeholders(template: &str) -> Vec<String> {
 }
 
 fn placeholders(template: &str) -> impl Iterator<Item = &str> {
-    template.split('{').skip(1).filter_map(|s| s.split_once('}').map(|(name, _)| name))
+    template
+        .split('{')
+        .skip(1)
+        .filter_map(|s| s.split_once('}').map(|(name, _)| name))
 }
 
 /// Fills the placeholders; a value the detector did not provide reads "unknown".

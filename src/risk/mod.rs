@@ -180,7 +180,10 @@ pub struct Hit {
 }
 
 /// What every message can say about the request and the one before it.
-fn context_vars(ctx: &RequestContext<'_>, view: &SessionView<'_>) -> BTreeMap<&'static str, String> {
+fn context_vars(
+    ctx: &RequestContext<'_>,
+    view: &SessionView<'_>,
+) -> BTreeMap<&'static str, String> {
     let c = ctx.client;
     let mut vars = BTreeMap::new();
     vars.insert("ip", c.ip.to_string());
@@ -202,14 +205,18 @@ fn context_vars(ctx: &RequestContext<'_>, view: &SessionView<'_>) -> BTreeMap<&'
         if let Some(city) = prev.client.location.as_ref().and_then(|l| l.city.clone()) {
             vars.insert("prev_city", city);
         }
-        vars.insert("minutes", ((ctx.at_ms - prev.at_ms).max(0) / 60_000).to_string());
+        vars.insert(
+            "minutes",
+            ((ctx.at_ms - prev.at_ms).max(0) / 60_000).to_string(),
+        );
     }
     vars
 }
 
 /// The session risk at `at_ms`, decayed with the half-life (never negative).
 pub fn decayed_risk(risk: f64, risk_at_ms: i64, at_ms: i64, half_life_secs: f64) -> f64 {
-    if !(risk > 0.0) {
+    // NaN and negative risk both read as none.
+    if risk.is_nan() || risk <= 0.0 {
         return 0.0;
     }
     let elapsed = (at_ms - risk_at_ms).max(0) as f64 / 1000.0;
@@ -228,8 +235,10 @@ fn threshold_decision(risk: f64, t: &rules::Thresholds) -> Decision {
     }
 }
 
-const DEFAULT_STEP_UP_MESSAGE: &str = "We noticed something unusual about this session. Please confirm it's you.";
-const DEFAULT_REVOKE_MESSAGE: &str = "For your security this session has been ended. Please sign in again.";
+const DEFAULT_STEP_UP_MESSAGE: &str =
+    "We noticed something unusual about this session. Please confirm it's you.";
+const DEFAULT_REVOKE_MESSAGE: &str =
+    "For your security this session has been ended. Please sign in again.";
 const DEFAULT_DENY_MESSAGE: &str = "Too many requests. Please wait a moment and try again.";
 
 /// Scores one request. Pure apart from the rate limiters (see the module doc).
@@ -265,7 +274,10 @@ pub fn evaluate(
     let mut retry_after: Option<u64> = None;
     let mut message: Option<(u32, String)> = None;
     for (rule, hit) in &hits {
-        let suppressed_by = suppressed.iter().find(|(s, _)| *s == rule.id).map(|(_, by)| *by);
+        let suppressed_by = suppressed
+            .iter()
+            .find(|(s, _)| *s == rule.id)
+            .map(|(_, by)| *by);
         let mode = match (suppressed_by, rule.mode) {
             (Some(_), _) => ReasonMode::Suppressed,
             (None, Mode::Shadow) => ReasonMode::Shadow,
@@ -306,10 +318,19 @@ pub fn evaluate(
         });
     }
 
-    let base = decayed_risk(view.risk, view.risk_at_ms, ctx.at_ms, rules.risk_half_life_secs);
+    let base = decayed_risk(
+        view.risk,
+        view.risk_at_ms,
+        ctx.at_ms,
+        rules.risk_half_life_secs,
+    );
     let session_risk = base + f64::from(score);
     let shadow_risk = base + f64::from(shadow_score);
-    let flagged = if view.step_up { Decision::StepUp } else { Decision::Allow };
+    let flagged = if view.step_up {
+        Decision::StepUp
+    } else {
+        Decision::Allow
+    };
     let decision = threshold_decision(session_risk, &rules.thresholds)
         .max(direct)
         .max(flagged);
@@ -333,7 +354,11 @@ pub fn evaluate(
         session_risk,
         reasons,
         user_message,
-        retry_after: if decision == Decision::Deny { retry_after.or(Some(1)) } else { None },
+        retry_after: if decision == Decision::Deny {
+            retry_after.or(Some(1))
+        } else {
+            None
+        },
         shadow_decision,
         rules_hash: rules.hash.clone(),
     }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use governor::clock::Clock as GovernorClock;
-use governor::state::keyed::DashMapStateStore;
 use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 
 use super::rules::Rate;
@@ -46,13 +46,21 @@ impl RateLimiters {
     }
 
     fn limiter(&self, rule_id: &str, rate: &Rate) -> Option<Arc<Keyed>> {
-        let name = format!("{rule_id}:{}:{}:{}", rate.limit, rate.per.as_millis(), rate.burst);
+        let name = format!(
+            "{rule_id}:{}:{}:{}",
+            rate.limit,
+            rate.per.as_millis(),
+            rate.burst
+        );
         if let Some(l) = self.limiters.get(&name) {
             return Some(l.clone());
         }
         let period = rate.per.checked_div(rate.limit)?;
         let quota = Quota::with_period(period)?.allow_burst(NonZeroU32::new(rate.burst)?);
-        let limiter = Arc::new(RateLimiter::dashmap_with_clock(quota, LimiterClock(self.clock.clone())));
+        let limiter = Arc::new(RateLimiter::dashmap_with_clock(
+            quota,
+            LimiterClock(self.clock.clone()),
+        ));
         Some(self.limiters.entry(name).or_insert(limiter).clone())
     }
 

@@ -297,7 +297,11 @@ impl Rule {
     /// Whether the rule's scope (path prefixes, methods) covers the request.
     pub fn in_scope(&self, method: Option<&str>, path: Option<&str>) -> bool {
         let path_ok = self.paths.is_empty()
-            || path.is_some_and(|p| self.paths.iter().any(|prefix| p.starts_with(prefix.as_str())));
+            || path.is_some_and(|p| {
+                self.paths
+                    .iter()
+                    .any(|prefix| p.starts_with(prefix.as_str()))
+            });
         let method_ok = self.methods.is_empty()
             || method.is_some_and(|m| self.methods.iter().any(|x| x.eq_ignore_ascii_case(m)));
         path_ok && method_ok
@@ -364,10 +368,16 @@ impl RuleSet {
             at(offset, e.message().trim().to_owned())
         })?;
 
-        let half_life = duration(file.settings.risk_half_life.as_deref(), Duration::from_secs(1800))
-            .map_err(|m| at(0, format!("settings.risk_half_life: {m}")))?;
+        let half_life = duration(
+            file.settings.risk_half_life.as_deref(),
+            Duration::from_secs(1800),
+        )
+        .map_err(|m| at(0, format!("settings.risk_half_life: {m}")))?;
         if half_life.is_zero() {
-            return Err(at(0, "settings.risk_half_life: must be more than zero".into()));
+            return Err(at(
+                0,
+                "settings.risk_half_life: must be more than zero".into(),
+            ));
         }
         let t = &file.thresholds;
         let thresholds = Thresholds {
@@ -381,10 +391,14 @@ impl RuleSet {
             ("revoke_user", thresholds.revoke_user),
         ] {
             if v.is_nan() || v <= 0.0 {
-                return Err(at(0, format!("thresholds.{name}: must be a positive number")));
+                return Err(at(
+                    0,
+                    format!("thresholds.{name}: must be a positive number"),
+                ));
             }
         }
-        if !(thresholds.step_up <= thresholds.revoke && thresholds.revoke <= thresholds.revoke_user) {
+        if !(thresholds.step_up <= thresholds.revoke && thresholds.revoke <= thresholds.revoke_user)
+        {
             return Err(at(
                 0,
                 "thresholds: expected step_up <= revoke <= revoke_user".into(),
@@ -403,7 +417,10 @@ impl RuleSet {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
             {
-                return Err(at(id_at, format!("rule id {id:?}: use letters, digits, '_' or '-'")));
+                return Err(at(
+                    id_at,
+                    format!("rule id {id:?}: use letters, digits, '_' or '-'"),
+                ));
             }
             if !ids.insert(id.clone()) {
                 return Err(at(id_at, format!("rule id {id:?} appears twice")));
@@ -412,10 +429,13 @@ impl RuleSet {
             rules.push(rule);
         }
         for rule in &rules {
-            if let Detector::NetworkList(list) = &rule.detector {
-                if let Some(unknown) = list.suppress.iter().find(|s| !ids.contains(*s)) {
-                    return Err(at(0, format!("rule {:?}: suppress names no rule {unknown:?}", rule.id)));
-                }
+            if let Detector::NetworkList(list) = &rule.detector
+                && let Some(unknown) = list.suppress.iter().find(|s| !ids.contains(*s))
+            {
+                return Err(at(
+                    0,
+                    format!("rule {:?}: suppress names no rule {unknown:?}", rule.id),
+                ));
             }
         }
         Ok(Self {
@@ -430,7 +450,8 @@ impl RuleSet {
 
 fn duration(value: Option<&str>, default: Duration) -> Result<Duration, String> {
     value.map_or(Ok(default), |v| {
-        humantime::parse_duration(v).map_err(|e| format!("{v:?} is not a duration such as 30m: {e}"))
+        humantime::parse_duration(v)
+            .map_err(|e| format!("{v:?} is not a duration such as 30m: {e}"))
     })
 }
 
@@ -451,8 +472,15 @@ fn compile(id: &str, raw: RuleRaw) -> Result<Rule, String> {
             scope: p.scope.unwrap_or(Scope::Session),
             use_accuracy_radius: p.use_accuracy_radius.unwrap_or(true),
         };
-        if !(g.max_speed_kmh > 0.0) || !(g.min_distance_km >= 0.0) {
-            return Err("geo_velocity: max_speed_kmh must be positive and min_distance_km not negative".into());
+        if g.max_speed_kmh.is_nan()
+            || g.max_speed_kmh <= 0.0
+            || g.min_distance_km.is_nan()
+            || g.min_distance_km < 0.0
+        {
+            return Err(
+                "geo_velocity: max_speed_kmh must be positive and min_distance_km not negative"
+                    .into(),
+            );
         }
         detectors.push(Detector::GeoVelocity(g));
     }
@@ -519,7 +547,10 @@ fn compile(id: &str, raw: RuleRaw) -> Result<Rule, String> {
         }
         None => None,
     };
-    if raw.points == 0 && raw.action.is_none() && !matches!(detector, Detector::NetworkList(NetworkList { ref suppress, .. }) if !suppress.is_empty()) {
+    if raw.points == 0
+        && raw.action.is_none()
+        && !matches!(detector, Detector::NetworkList(NetworkList { ref suppress, .. }) if !suppress.is_empty())
+    {
         return Err("has neither points nor an action: it could never change anything".into());
     }
     Ok(Rule {
@@ -562,7 +593,11 @@ mod tests {
         let e = RuleSet::parse("r.toml", text).unwrap_err();
         assert_eq!(e.line, 6, "{e}");
         assert!(e.message.contains("no detector"), "{e}");
-        let e = RuleSet::parse("r.toml", "[[rule]]\nid = \"a\"\npoints = 5\nmessage = \"{town}\"\nua_binding = {}\n").unwrap_err();
+        let e = RuleSet::parse(
+            "r.toml",
+            "[[rule]]\nid = \"a\"\npoints = 5\nmessage = \"{town}\"\nua_binding = {}\n",
+        )
+        .unwrap_err();
         assert!(e.message.contains("town"), "{e}");
         let e = RuleSet::parse("r.toml", "[[rule]]\nid = \"a\"\nua_binding = {}\n").unwrap_err();
         assert!(e.message.contains("neither points nor an action"), "{e}");

@@ -8,7 +8,9 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Decision, Evaluation, Observation, RateLimiters, RequestContext, RuleSet, SessionView, evaluate};
+use super::{
+    Decision, Evaluation, Observation, RateLimiters, RequestContext, RuleSet, SessionView, evaluate,
+};
 use crate::enrich::ClientInfo;
 
 /// Requests remembered per session (concurrent-use window).
@@ -167,15 +169,28 @@ mod tests {
         let e = assess(&rules, &limiters, &ctx(&thief, 120_000), &mut s, &mut u);
         assert_eq!(e.decision, Decision::StepUp);
         assert_eq!(e.score, 50, "the shadow rule's points do not count");
-        assert_eq!(e.shadow_decision, Decision::Revoke, "with the shadow rule it would revoke");
-        assert!(e.reasons.iter().any(|r| r.rule == "travel" && r.mode == crate::risk::ReasonMode::Shadow));
+        assert_eq!(
+            e.shadow_decision,
+            Decision::Revoke,
+            "with the shadow rule it would revoke"
+        );
+        assert!(
+            e.reasons
+                .iter()
+                .any(|r| r.rule == "travel" && r.mode == crate::risk::ReasonMode::Shadow)
+        );
         assert_eq!(
             e.user_message.as_deref(),
             Some("Activity from Lagos, NG 2 minutes after Oslo.")
         );
         assert!(s.step_up);
         let e = assess(&rules, &limiters, &ctx(&thief, 180_000), &mut s, &mut u);
-        assert_eq!(e.decision, Decision::Revoke, "risk accumulates: {}", e.session_risk);
+        assert_eq!(
+            e.decision,
+            Decision::Revoke,
+            "risk accumulates: {}",
+            e.session_risk
+        );
         assert_eq!(u.countries, ["NO"], "the thief's country was not learned");
     }
 
@@ -188,9 +203,15 @@ mod tests {
         let mut s = SessionState::new("alice", Some(home.clone()));
         s.step_up = true;
         let mut u = UserState::default();
-        assert_eq!(assess(&rules, &limiters, &ctx(&home, 0), &mut s, &mut u).decision, Decision::StepUp);
+        assert_eq!(
+            assess(&rules, &limiters, &ctx(&home, 0), &mut s, &mut u).decision,
+            Decision::StepUp
+        );
         s.rebind(home.clone());
-        assert_eq!(assess(&rules, &limiters, &ctx(&home, 1), &mut s, &mut u).decision, Decision::Allow);
+        assert_eq!(
+            assess(&rules, &limiters, &ctx(&home, 1), &mut s, &mut u).decision,
+            Decision::Allow
+        );
     }
 
     proptest! {

@@ -15,7 +15,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::clock::{SharedClock, UnixSeconds};
 use crate::config::{TokenSettings, sha256, to_hex};
+use crate::monitor::{Assessment, Monitor, RequestInfo};
 use crate::revocation::{Change, RevocationView, RevokedBy, TokenIds};
+use crate::risk::{Decision, Evaluation, RequestKind};
 use crate::store::{
     NewRefresh, ReauthRequest, RefreshRejection, RevokedJti, RotateOutcome, RotateRequest,
     STATE_ACTIVE, Seen, SessionRecord, SharedStore, StoreError,
@@ -37,6 +39,12 @@ pub enum SessionError {
     NotFound,
     #[error("the session is revoked")]
     Revoked,
+    #[error("the session must re-authenticate first")]
+    StepUpRequired(Box<Evaluation>),
+    #[error("too many requests")]
+    Denied(Box<Evaluation>),
+    #[error("the session was ended by the risk rules")]
+    RiskRevoked(Box<Evaluation>),
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -76,12 +84,26 @@ pub struct TokenPair {
 /// The outcome of verifying one access token.
 #[derive(Debug, Clone)]
 pub enum Verdict {
-    Allow(Box<AccessClaims>),
+    /// Signature, claims and revocation state are fine; the rules decided.
+    Assessed(Box<AccessClaims>, Box<Evaluation>),
     Revoked(Box<AccessClaims>, RevokedBy),
     Invalid(TokenError),
 }
 
 /// A refresh token as presented, checked for shape before any lookup.
+/// The revocation reason recorded when rules end a session: the enforced rules that fired.
+fn risk_reason(e: &Evaluation) -> String {
+    let rules: Vec<&str> = e
+        .reasons
+        .iter()
+        .filter(|r| r.mode == crate::risk::ReasonMode::Enforce)
+        .map(|r| r.rule.as_str())
+        .collect();
+    let mut reason = format!("risk: {}", rules.join(", "));
+    reason.truncate(200);
+    reason
+}
+
 fn refresh_hash(token: &str) -> Option<String> {
     let body = token.strip_prefix(REFRESH_PREFIX)?;
     if token.len() > MAX_REFRESH_LEN
@@ -99,6 +121,7 @@ pub struct SessionService {
     store: SharedStore,
     codec: TokenCodec,
     view: Arc<RevocationView>,
+    monitor: Arc<Monitor>,
     clock: SharedClock,
     settings: TokenSettings,
 }
@@ -108,6 +131,7 @@ impl SessionService {
     pub async fn start(
         store: SharedStore,
         codec: TokenCodec,
+        monitor: Arc<Monitor>,
         clock: SharedClock,
         settings: TokenSettings,
     ) -> Result<Self, StoreError> {
@@ -120,6 +144,7 @@ impl SessionService {
             store,
             codec,
             view,
+            monitor,
             clock,
             settings,
         })
@@ -130,6 +155,9 @@ impl SessionService {
     }
     pub fn view(&self) -> &Arc<RevocationView> {
         &self.view
+    }
+    pub fn monitor(&self) -> &Arc<Monitor> {
+        &self.monitor
     }
     pub fn store(&self) -> &SharedStore {
         &self.store
@@ -211,6 +239,7 @@ impl SessionService {
         let exp = now.saturating_add(self.access_ttl());
         let generation = self.store.user_generation(subject.as_str()).await?;
         let ip = client.ip.to_string();
+        let info = self.monitor.enrich(client.ip, &client.user_agent);
         let session = SessionRecord {
             session_id: uuid::Uuid::new_v4().to_string(),
             subject: subject.as_str().to_owned(),
@@ -236,10 +265,15 @@ impl SessionService {
             epoch_until: 0,
             user_generation: generation,
             access_exp_max: exp,
+            binding_info: serde_json::to_string(&info).ok(),
+            risk: 0.0,
+            risk_at: self.clock.now_millis(),
         };
         let (refresh, record) = self.new_refresh(now)?;
         let access = self.mint_for(&session, now, exp)?;
         self.store.create_session(&session, &record).await?;
+        self.monitor
+            .bind(&session.session_id, &session.subject, info);
         Ok(self.pair(&session, access, refresh))
     }
 
@@ -252,6 +286,41 @@ impl SessionService {
     ) -> Result<TokenPair, SessionError> {
         let presented_hash = refresh_hash(refresh_token)
             .ok_or(SessionError::InvalidGrant(RefreshRejectionCode::Malformed))?;
+        let request_info = RequestInfo {
+            ip: Some(client.ip),
+            user_agent: Some(client.user_agent.clone()),
+            ..RequestInfo::default()
+        };
+        // Score a current token before rotating it: a refused refresh must leave it usable
+        // (a rotated token that never reached the client would look like theft later).
+        let current = self.store.refresh_token(&presented_hash).await?;
+        let mut scored_session = None;
+        if let Some(record) = current.as_ref().filter(|r| r.retired_at.is_none())
+            && let Some(session) = self.store.session(&record.session_id).await?
+            && !session.is_revoked()
+            && self
+                .ensure_loaded(&session.session_id, &session.subject)
+                .await?
+            && let Some(a) = self.monitor.assess(
+                RequestKind::Refresh,
+                ("", &session.session_id, &session.subject),
+                &request_info,
+                false,
+            )
+        {
+            self.enforce(&a, &session.session_id, &session.subject)
+                .await?;
+            match a.evaluation.decision {
+                Decision::Allow => {}
+                Decision::Deny => return Err(SessionError::Denied(Box::new(a.evaluation))),
+                Decision::StepUp => {
+                    return Err(SessionError::StepUpRequired(Box::new(a.evaluation)));
+                }
+                _ => return Err(SessionError::RiskRevoked(Box::new(a.evaluation))),
+            }
+            scored_session = Some(session.session_id);
+        }
+
         let now = self.clock.now();
         let exp = now.saturating_add(self.access_ttl());
         let (refresh, next) = self.new_refresh(now)?;
@@ -268,6 +337,7 @@ impl SessionService {
         };
         match self.store.rotate_refresh(&request).await? {
             RotateOutcome::Rotated(session) => {
+                let _ = scored_session;
                 let access = self.mint_for(&session, now, exp)?;
                 Ok(self.pair(&session, access, refresh))
             }
@@ -278,9 +348,25 @@ impl SessionService {
                     "refresh token reuse: session revoked"
                 );
                 self.view.apply(Change::SessionRevoked {
-                    session_id: session.session_id,
+                    session_id: session.session_id.clone(),
                     until: session.access_exp_max,
                 });
+                // The rules may widen the revocation (e.g. to every session of the user).
+                if self
+                    .ensure_loaded(&session.session_id, &session.subject)
+                    .await?
+                    && let Some(a) = self.monitor.assess(
+                        RequestKind::Refresh,
+                        ("", &session.session_id, &session.subject),
+                        &request_info,
+                        true,
+                    )
+                    && a.evaluation.decision == Decision::RevokeUser
+                {
+                    self.enforce(&a, &session.session_id, &session.subject)
+                        .await?;
+                }
+                self.monitor.forget(&session.session_id);
                 Err(SessionError::RefreshReuse)
             }
             RotateOutcome::Rejected(why) => {
@@ -300,9 +386,11 @@ impl SessionService {
         let exp = now.saturating_add(self.access_ttl());
         let (refresh, next) = self.new_refresh(now)?;
         let ip = client.ip.to_string();
+        let info = self.monitor.enrich(client.ip, &client.user_agent);
         let request = ReauthRequest {
             session_id: session_id.to_owned(),
             binding: binding_digest(&ip, &client.user_agent),
+            binding_info: serde_json::to_string(&info).ok(),
             seen: Seen {
                 at: now,
                 ip,
@@ -322,6 +410,8 @@ impl SessionService {
             epoch: session.epoch,
             until: session.epoch_until,
         });
+        self.monitor
+            .rebind(&session.session_id, &session.subject, info);
         let access = self.mint_for(&session, now, exp)?;
         Ok(self.pair(&session, access, refresh))
     }
@@ -338,9 +428,10 @@ impl SessionService {
             .await?
             .ok_or(SessionError::NotFound)?;
         self.view.apply(Change::SessionRevoked {
-            session_id: session.session_id,
+            session_id: session.session_id.clone(),
             until: session.access_exp_max,
         });
+        self.monitor.forget(&session.session_id);
         Ok(())
     }
 
@@ -357,12 +448,12 @@ impl SessionService {
         Ok(revoked)
     }
 
-    /// Signature, claims and revocation state; no database round trip.
-    pub fn verify(&self, token: &str) -> Verdict {
-        let claims = match self.codec.verify(token, self.clock.now()) {
-            Ok(c) => c,
-            Err(e) => return Verdict::Invalid(e),
-        };
+    /// Signature, claims and revocation state only; no database, no rules.
+    pub fn check_token(&self, token: &str) -> Result<AccessClaims, Verdict> {
+        let claims = self
+            .codec
+            .verify(token, self.clock.now())
+            .map_err(Verdict::Invalid)?;
         let revoked = self.view.check(TokenIds {
             jti: &claims.jti,
             session_id: &claims.sid,
@@ -371,9 +462,100 @@ impl SessionService {
             epoch: claims.epoch,
         });
         match revoked {
-            Some(by) => Verdict::Revoked(Box::new(claims), by),
-            None => Verdict::Allow(Box::new(claims)),
+            Some(by) => Err(Verdict::Revoked(Box::new(claims), by)),
+            None => Ok(claims),
         }
+    }
+
+    /// Loads the session's risk state from the store if it is not in memory.
+    /// `false` when the store has no such session.
+    async fn ensure_loaded(&self, session_id: &str, subject: &str) -> Result<bool, SessionError> {
+        if self.monitor.knows(session_id) {
+            return Ok(true);
+        }
+        let Some(record) = self.store.session(session_id).await? else {
+            return Ok(false);
+        };
+        let user_sessions = if self.monitor.knows_user(subject) {
+            None
+        } else {
+            Some(self.store.sessions_of(subject).await?)
+        };
+        self.monitor.load(&record, user_sessions.as_deref());
+        Ok(true)
+    }
+
+    /// Makes a decision durable before it is answered: step-up flag, revocations.
+    async fn enforce(
+        &self,
+        a: &Assessment,
+        session_id: &str,
+        subject: &str,
+    ) -> Result<(), SessionError> {
+        let e = &a.evaluation;
+        match e.decision {
+            Decision::StepUp if a.newly_stepped_up => {
+                self.store
+                    .set_step_up(session_id, e.session_risk, self.clock.now_millis())
+                    .await?;
+                tracing::info!(
+                    session_id,
+                    subject,
+                    risk = e.session_risk,
+                    "session must re-authenticate"
+                );
+            }
+            Decision::Revoke => {
+                self.logout(session_id, &risk_reason(e)).await?;
+                tracing::warn!(
+                    session_id,
+                    subject,
+                    risk = e.session_risk,
+                    "session revoked by the risk rules"
+                );
+            }
+            Decision::RevokeUser => {
+                let subject_ok = Subject::parse(subject).map_err(|_| SessionError::NotFound)?;
+                self.logout_all(&subject_ok).await?;
+                tracing::warn!(
+                    session_id,
+                    subject,
+                    risk = e.session_risk,
+                    "every session of the user revoked by the risk rules"
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Verifies the token, then scores the request against the rules. Revocations the
+    /// rules decide are durable before this returns.
+    pub async fn verify(
+        &self,
+        token: &str,
+        request: &RequestInfo,
+    ) -> Result<Verdict, SessionError> {
+        let claims = match self.check_token(token) {
+            Ok(c) => c,
+            Err(verdict) => return Ok(verdict),
+        };
+        if !self.ensure_loaded(&claims.sid, &claims.sub).await? {
+            return Ok(Verdict::Revoked(Box::new(claims), RevokedBy::Session));
+        }
+        let Some(assessment) = self.monitor.assess(
+            RequestKind::Request,
+            (&claims.jti, &claims.sid, &claims.sub),
+            request,
+            false,
+        ) else {
+            return Ok(Verdict::Revoked(Box::new(claims), RevokedBy::Session));
+        };
+        self.enforce(&assessment, &claims.sid, &claims.sub).await?;
+        Ok(Verdict::Assessed(
+            Box::new(claims),
+            Box::new(assessment.evaluation),
+        ))
     }
 
     /// RFC 7009: a refresh token ends its session (and so every access token of it);
@@ -385,8 +567,8 @@ impl SessionService {
             }
             return Ok(());
         }
-        match self.verify(token) {
-            Verdict::Allow(claims) => {
+        match self.check_token(token) {
+            Ok(claims) => {
                 self.store
                     .revoke_jti(&RevokedJti {
                         jti: claims.jti.clone(),
@@ -403,7 +585,7 @@ impl SessionService {
                 });
                 Ok(())
             }
-            Verdict::Revoked(..) | Verdict::Invalid(_) => Ok(()),
+            Err(_) => Ok(()),
         }
     }
 
@@ -436,9 +618,9 @@ impl SessionService {
                 "iss": self.codec.issuer(),
             }));
         }
-        Ok(match self.verify(token) {
-            Verdict::Allow(claims) => {
-                let mut body = serde_json::to_value(&*claims).unwrap_or(serde_json::Value::Null);
+        Ok(match self.check_token(token) {
+            Ok(claims) => {
+                let mut body = serde_json::to_value(&claims).unwrap_or(serde_json::Value::Null);
                 if let Some(obj) = body.as_object_mut() {
                     obj.insert("active".into(), true.into());
                     obj.insert("token_type".into(), "access_token".into());

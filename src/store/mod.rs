@@ -49,6 +49,11 @@ pub struct SessionRecord {
     pub epoch_until: i64,
     pub user_generation: i64,
     pub access_exp_max: i64,
+    /// The enriched binding as JSON (`enrich::ClientInfo`).
+    pub binding_info: Option<String>,
+    pub risk: f64,
+    /// Milliseconds since the epoch.
+    pub risk_at: i64,
 }
 
 impl SessionRecord {
@@ -58,6 +63,7 @@ impl SessionRecord {
 }
 
 pub const STATE_ACTIVE: &str = "active";
+pub const STATE_STEP_UP: &str = "step_up";
 pub const STATE_REVOKED: &str = "revoked";
 
 /// A refresh token as stored: its hash, never the token.
@@ -160,6 +166,7 @@ pub struct ReauthRequest {
     pub session_id: String,
     pub seen: Seen,
     pub binding: String,
+    pub binding_info: Option<String>,
     pub next: NewRefresh,
     pub access_exp: UnixSeconds,
 }
@@ -214,6 +221,13 @@ pub trait Store: Send + Sync + 'static {
         valid_until: UnixSeconds,
     ) -> Result<(u64, i64), StoreError>;
     async fn revoke_jti(&self, revoked: &RevokedJti) -> Result<(), StoreError>;
+    /// Marks an active session as needing re-authentication, with its risk.
+    async fn set_step_up(
+        &self,
+        session_id: &str,
+        risk: f64,
+        risk_at_ms: i64,
+    ) -> Result<(), StoreError>;
 
     /// Every revocation that can still matter at `now`, to fill the in-memory view.
     async fn revocations(&self, now: UnixSeconds) -> Result<Vec<Change>, StoreError>;
@@ -256,6 +270,9 @@ mod tests {
             epoch_until: 0,
             user_generation: 0,
             access_exp_max: 0,
+            binding_info: None,
+            risk: 0.0,
+            risk_at: 0,
         }
     }
 

@@ -43,8 +43,8 @@ const POSTGRES: Dialect = Dialect {
     session_for_update: "SELECT * FROM sessions WHERE session_id = $1 FOR UPDATE",
 };
 
-const INSERT_SESSION: &str = "INSERT INTO sessions (session_id, subject, created_at, last_seen_at, auth_time, ip, user_agent, binding, acr, amr, claims, state, revoked_at, revoked_reason, epoch, epoch_until, user_generation, access_exp_max) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
+const INSERT_SESSION: &str = "INSERT INTO sessions (session_id, subject, created_at, last_seen_at, auth_time, ip, user_agent, binding, acr, amr, claims, state, revoked_at, revoked_reason, epoch, epoch_until, user_generation, access_exp_max, binding_info, risk, risk_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)";
 const INSERT_REFRESH: &str = "INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at) VALUES ($1, $2, $3, $4, $5)";
 const SELECT_SESSION: &str = "SELECT * FROM sessions WHERE session_id = $1";
 const SELECT_SESSIONS_OF: &str =
@@ -59,7 +59,8 @@ const TOUCH_SESSION: &str = "UPDATE sessions SET last_seen_at = $2, \
      WHERE session_id = $1 RETURNING *";
 const REVOKE_SESSION: &str = "UPDATE sessions SET state = 'revoked', revoked_at = $2, revoked_reason = $3 WHERE session_id = $1 AND state <> 'revoked' RETURNING *";
 const REAUTH_SESSION: &str = "UPDATE sessions SET ip = $2, user_agent = $3, binding = $4, auth_time = $5, last_seen_at = $5, state = 'active', \
-     epoch = epoch + 1, epoch_until = access_exp_max, access_exp_max = $6 WHERE session_id = $1 RETURNING *";
+     epoch = epoch + 1, epoch_until = access_exp_max, access_exp_max = $6, binding_info = $7, risk = 0, risk_at = $5 * 1000 WHERE session_id = $1 RETURNING *";
+const SET_STEP_UP: &str = "UPDATE sessions SET state = 'step_up', risk = $2, risk_at = $3 WHERE session_id = $1 AND state = 'active'";
 const BUMP_GENERATION: &str = "INSERT INTO users (subject, generation, valid_until) VALUES ($1, 1, $2) \
      ON CONFLICT (subject) DO UPDATE SET generation = users.generation + 1, valid_until = excluded.valid_until RETURNING generation";
 const REVOKE_USER_SESSIONS: &str = "UPDATE sessions SET state = 'revoked', revoked_at = $2, revoked_reason = 'logout_all' WHERE subject = $1 AND state <> 'revoked'";
@@ -121,6 +122,9 @@ macro_rules! sql_store {
                     .bind(s.epoch_until)
                     .bind(s.user_generation)
                     .bind(s.access_exp_max)
+                    .bind(&s.binding_info)
+                    .bind(s.risk)
+                    .bind(s.risk_at)
                     .execute(&mut *tx)
                     .await?;
                 sqlx::query(INSERT_REFRESH)
@@ -264,6 +268,7 @@ macro_rules! sql_store {
                     .bind(&r.binding)
                     .bind(r.seen.at)
                     .bind(r.access_exp)
+                    .bind(&r.binding_info)
                     .fetch_one(&mut *tx)
                     .await?;
                 sqlx::query(RETIRE_CURRENT_REFRESH)
@@ -354,6 +359,21 @@ macro_rules! sql_store {
                     .bind(j.exp)
                     .bind(j.revoked_at)
                     .bind(&j.reason)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn set_step_up(
+                &self,
+                session_id: &str,
+                risk: f64,
+                risk_at_ms: i64,
+            ) -> Result<(), StoreError> {
+                sqlx::query(SET_STEP_UP)
+                    .bind(session_id)
+                    .bind(risk)
+                    .bind(risk_at_ms)
                     .execute(&self.pool)
                     .await?;
                 Ok(())

@@ -238,7 +238,7 @@ async fn reauth_issues_fresh_tokens_and_kills_every_earlier_one() {
     let r = app
         .post(
             &format!("/v1/sessions/{id}/reauth"),
-            json!({"client": {"ip": "198.51.100.20", "user_agent": "Mozilla/5.0 Chrome/131.0"}}),
+            json!({"client": {"ip": "198.51.100.20", "user_agent": crate::support::USER_AGENT}}),
         )
         .await;
     assert_eq!(r.status(), 200);

@@ -39,6 +39,9 @@ fn session(id: &str, subject: &str, created_at: i64, generation: i64) -> Session
         epoch_until: 0,
         user_generation: generation,
         access_exp_max: created_at + 300,
+        binding_info: Some("{}".into()),
+        risk: 0.0,
+        risk_at: created_at * 1000,
     }
 }
 
@@ -305,6 +308,7 @@ async fn reauth_bumps_the_epoch_and_supersedes_old_refresh_tokens(backend: Backe
             user_agent: "new-ua".into(),
         },
         binding: "bnd2".into(),
+        binding_info: Some("{\"new\":1}".into()),
         next: refresh("r1", T0 + 100),
         access_exp: T0 + 400,
     };

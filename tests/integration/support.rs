@@ -256,7 +256,7 @@ impl TestApp {
 
     pub async fn verify(&self, token: &str) -> Value {
         let r = self
-            .post("/v1/verify", json!({"token": token, "request": {"ip": "203.0.113.7", "method": "GET", "path": "/"}}))
+            .post("/v1/verify", json!({"token": token, "request": {"ip": "203.0.113.7", "user_agent": USER_AGENT, "method": "GET", "path": "/"}}))
             .await;
         assert_eq!(r.status(), 200);
         r.json().await.unwrap()
@@ -271,8 +271,11 @@ impl TestApp {
     }
 }
 
+pub const USER_AGENT: &str =
+    "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0";
+
 pub fn client() -> Value {
-    json!({"ip": "203.0.113.7", "user_agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/133.0"})
+    json!({"ip": "203.0.113.7", "user_agent": USER_AGENT})
 }
 
 pub fn s(v: &Value, key: &str) -> String {

@@ -12,7 +12,9 @@ fn fingerprint(p: &ConcurrentUse, c: &ClientInfo) -> String {
     let net = match p.by {
         NetworkBy::Ip => c.ip.to_string(),
         NetworkBy::Prefix => c.prefix.to_string(),
-        NetworkBy::Asn => c.asn.map_or_else(|| c.prefix.to_string(), |a| format!("AS{a}")),
+        NetworkBy::Asn => c
+            .asn
+            .map_or_else(|| c.prefix.to_string(), |a| format!("AS{a}")),
     };
     if p.include_user_agent {
         format!("{net}|{}", c.ua.key())
@@ -21,7 +23,11 @@ fn fingerprint(p: &ConcurrentUse, c: &ClientInfo) -> String {
     }
 }
 
-pub fn evaluate(p: &ConcurrentUse, ctx: &RequestContext<'_>, view: &SessionView<'_>) -> Option<Hit> {
+pub fn evaluate(
+    p: &ConcurrentUse,
+    ctx: &RequestContext<'_>,
+    view: &SessionView<'_>,
+) -> Option<Hit> {
     let since = ctx.at_ms - p.window_secs.saturating_mul(1000);
     let current = fingerprint(p, ctx.client);
     let mut seen_current = false;
@@ -37,7 +43,10 @@ pub fn evaluate(p: &ConcurrentUse, ctx: &RequestContext<'_>, view: &SessionView<
     let other = other?;
     Some(hit(
         ctx,
-        format!("used alternately from {current} and {other} within {}s", p.window_secs),
+        format!(
+            "used alternately from {current} and {other} within {}s",
+            p.window_secs
+        ),
     ))
 }
 
@@ -55,14 +64,23 @@ mod tests {
             by: NetworkBy::Prefix,
             include_user_agent: true,
         };
-        let obs = |c: &ClientInfo, at_ms| Observation { at_ms, client: c.clone() };
+        let obs = |c: &ClientInfo, at_ms| Observation {
+            at_ms,
+            client: c.clone(),
+        };
         let moved = [obs(&a, 0), obs(&a, 1000), obs(&b, 2000)];
         let mut v = view(&a, None);
         v.recent = &moved;
-        assert!(evaluate(&p, &ctx(&b, 3000), &v).is_none(), "A A B then B: moved once");
+        assert!(
+            evaluate(&p, &ctx(&b, 3000), &v).is_none(),
+            "A A B then B: moved once"
+        );
         let alternating = [obs(&a, 0), obs(&b, 1000)];
         v.recent = &alternating;
         assert!(evaluate(&p, &ctx(&a, 2000), &v).is_some(), "A B A");
-        assert!(evaluate(&p, &ctx(&a, 400_000), &v).is_none(), "outside the window");
+        assert!(
+            evaluate(&p, &ctx(&a, 400_000), &v).is_none(),
+            "outside the window"
+        );
     }
 }

@@ -72,7 +72,8 @@ pub fn evaluate(p: &GeoVelocity, ctx: &RequestContext<'_>, view: &SessionView<'_
         h.vars.insert("prev_country", c);
     }
     h.vars.insert("minutes", minutes);
-    h.vars.insert("distance_km", format!("{:.0}", t.distance_km));
+    h.vars
+        .insert("distance_km", format!("{:.0}", t.distance_km));
     h.vars.insert("speed_kmh", format!("{:.0}", t.speed_kmh));
     Some(h)
 }
@@ -96,11 +97,21 @@ mod tests {
     #[test]
     fn oslo_to_lagos_in_ten_minutes_is_impossible_and_in_a_day_is_not() {
         let (o, l) = (oslo(), lagos());
-        let prev = Observation { at_ms: 0, client: o.clone() };
+        let prev = Observation {
+            at_ms: 0,
+            client: o.clone(),
+        };
         let h = evaluate(&params(true), &ctx(&l, 10 * 60_000), &view(&o, Some(&prev))).unwrap();
         assert_eq!(h.vars["prev_city"], "Oslo");
         assert_eq!(h.vars["minutes"], "10");
-        assert!(evaluate(&params(true), &ctx(&l, 24 * 3_600_000), &view(&o, Some(&prev))).is_none());
+        assert!(
+            evaluate(
+                &params(true),
+                &ctx(&l, 24 * 3_600_000),
+                &view(&o, Some(&prev))
+            )
+            .is_none()
+        );
     }
 
     #[test]
@@ -108,7 +119,10 @@ mod tests {
         // Two fixes 150 km apart with 80 km radii each: no real evidence of travel.
         let a = client("192.0.2.1", "SE", "A", 59.0, 15.0, 1);
         let mut b = client("192.0.2.2", "SE", "B", 59.0, 17.63, 1);
-        let prev = Observation { at_ms: 0, client: a.clone() };
+        let prev = Observation {
+            at_ms: 0,
+            client: a.clone(),
+        };
         let mut a2 = a.clone();
         if let Some(l) = a2.location.as_mut() {
             l.radius_km = 80.0;
@@ -116,8 +130,18 @@ mod tests {
         if let Some(l) = b.location.as_mut() {
             l.radius_km = 80.0;
         }
-        let prev_wide = Observation { at_ms: 0, client: a2.clone() };
-        assert!(evaluate(&params(true), &ctx(&b, 60_000), &view(&a2, Some(&prev_wide))).is_none());
+        let prev_wide = Observation {
+            at_ms: 0,
+            client: a2.clone(),
+        };
+        assert!(
+            evaluate(
+                &params(true),
+                &ctx(&b, 60_000),
+                &view(&a2, Some(&prev_wide))
+            )
+            .is_none()
+        );
         assert!(evaluate(&params(false), &ctx(&b, 60_000), &view(&a, Some(&prev))).is_some());
     }
 
@@ -125,7 +149,10 @@ mod tests {
     fn without_coordinates_nothing_fires() {
         let (o, mut l) = (oslo(), lagos());
         l.location = None;
-        let prev = Observation { at_ms: 0, client: o.clone() };
+        let prev = Observation {
+            at_ms: 0,
+            client: o.clone(),
+        };
         assert!(evaluate(&params(true), &ctx(&l, 60_000), &view(&o, Some(&prev))).is_none());
     }
 

@@ -10,7 +10,9 @@ pub fn evaluate(p: &IpBinding, ctx: &RequestContext<'_>, view: &SessionView<'_>)
     let bound = view.binding?;
     let now = ctx.client;
     let detail = match p.tier {
-        Tier::Exact => (bound.ip != now.ip).then(|| format!("IP {} differs from bound {}", now.ip, bound.ip)),
+        Tier::Exact => {
+            (bound.ip != now.ip).then(|| format!("IP {} differs from bound {}", now.ip, bound.ip))
+        }
         Tier::Prefix => (bound.prefix != now.prefix)
             .then(|| format!("network {} differs from bound {}", now.prefix, bound.prefix)),
         Tier::Asn => match (bound.asn, now.asn) {
@@ -41,11 +43,17 @@ mod tests {
             evaluate(&IpBinding { tier: t }, &ctx(now, 0), &view(&home, None)).is_some()
         };
         assert_eq!(tiers.map(|t| fires(t, &home)), [false; 4]);
-        assert_eq!(tiers.map(|t| fires(t, &same_net)), [true, false, false, false]);
+        assert_eq!(
+            tiers.map(|t| fires(t, &same_net)),
+            [true, false, false, false]
+        );
         assert_eq!(tiers.map(|t| fires(t, &abroad)), [true; 4]);
         let mut unknown = lagos();
         unknown.country = None;
         unknown.asn = None;
-        assert_eq!(tiers.map(|t| fires(t, &unknown)), [true, true, false, false]);
+        assert_eq!(
+            tiers.map(|t| fires(t, &unknown)),
+            [true, true, false, false]
+        );
     }
 }

@@ -32,7 +32,11 @@ mod tests {
         };
         assert!(evaluate(&by_cidr, &ctx(&c, 0)).is_some());
         assert!(evaluate(&by_cidr, &ctx(&lagos(), 0)).is_none());
-        let by_asn = NetworkList { cidrs: vec![], asns: vec![29465], suppress: vec![] };
+        let by_asn = NetworkList {
+            cidrs: vec![],
+            asns: vec![29465],
+            suppress: vec![],
+        };
         assert!(evaluate(&by_asn, &ctx(&lagos(), 0)).is_some());
     }
 }

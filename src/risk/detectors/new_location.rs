@@ -28,7 +28,9 @@ mod tests {
     #[test]
     fn fires_for_an_unseen_country_only_once_there_is_history() {
         let (o, l) = (oslo(), lagos());
-        let p = NewLocation { what: LocationKind::Country };
+        let p = NewLocation {
+            what: LocationKind::Country,
+        };
         let known = ["NO".to_owned()];
         let mut v = view(&o, None);
         assert!(evaluate(&p, &ctx(&l, 0), &v).is_none(), "no history yet");
@@ -37,6 +39,15 @@ mod tests {
         assert!(evaluate(&p, &ctx(&l, 0), &v).is_some());
         let asns = [2119];
         v.known_asns = &asns;
-        assert!(evaluate(&NewLocation { what: LocationKind::Asn }, &ctx(&l, 0), &v).is_some());
+        assert!(
+            evaluate(
+                &NewLocation {
+                    what: LocationKind::Asn
+                },
+                &ctx(&l, 0),
+                &v
+            )
+            .is_some()
+        );
     }
 }

@@ -11,7 +11,13 @@ use crate::risk::{Hit, RequestContext};
 fn origin_of(url: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
     let host = rest.split(['/', '?', '#']).next()?;
-    (!host.is_empty()).then(|| format!("{}://{}", scheme.to_ascii_lowercase(), host.to_ascii_lowercase()))
+    (!host.is_empty()).then(|| {
+        format!(
+            "{}://{}",
+            scheme.to_ascii_lowercase(),
+            host.to_ascii_lowercase()
+        )
+    })
 }
 
 fn allowed_origin(allowed: &[String], origin: &str) -> bool {
@@ -40,7 +46,12 @@ pub fn evaluate(p: &Referrer, ctx: &RequestContext<'_>) -> Option<Hit> {
     }
     if !p.allowed_sec_fetch_site.is_empty() {
         match ctx.sec_fetch_site {
-            Some(v) if !p.allowed_sec_fetch_site.iter().any(|a| a.eq_ignore_ascii_case(v)) => {
+            Some(v)
+                if !p
+                    .allowed_sec_fetch_site
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(v)) =>
+            {
                 return Some(hit(ctx, format!("Sec-Fetch-Site {v} is not allowed here")));
             }
             None if p.missing == Missing::Fire => {
@@ -77,7 +88,10 @@ mod tests {
         assert!(evaluate(&p, &x).is_none(), "the referer's origin counts");
         x.sec_fetch_site = Some("cross-site");
         assert!(evaluate(&p, &x).is_some());
-        let strict = Referrer { missing: Missing::Fire, ..p };
+        let strict = Referrer {
+            missing: Missing::Fire,
+            ..p
+        };
         assert!(evaluate(&strict, &ctx(&c, 0)).is_some());
     }
 }

@@ -7,6 +7,10 @@ use crate::risk::rules::RefreshReuse;
 use crate::risk::{Hit, RequestContext};
 
 pub fn evaluate(_p: &RefreshReuse, ctx: &RequestContext<'_>) -> Option<Hit> {
-    ctx.refresh_reused
-        .then(|| hit(ctx, "an already-rotated refresh token was presented".to_owned()))
+    ctx.refresh_reused.then(|| {
+        hit(
+            ctx,
+            "an already-rotated refresh token was presented".to_owned(),
+        )
+    })
 }

@@ -13,7 +13,16 @@ pub fn evaluate(p: &UaBinding, ctx: &RequestContext<'_>, view: &SessionView<'_>)
         || bound.major != now.major
         || bound.os != now.os
         || (p.device_class && bound.device != now.device);
-    differs.then(|| hit(ctx, format!("user agent {} differs from bound {}", now.key(), bound.key())))
+    differs.then(|| {
+        hit(
+            ctx,
+            format!(
+                "user agent {} differs from bound {}",
+                now.key(),
+                bound.key()
+            ),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -33,7 +42,9 @@ mod tests {
         let mut phone = oslo();
         phone.ua.device = DeviceClass::Mobile;
         assert!(evaluate(&p, &ctx(&phone, 0), &view(&home, None)).is_some());
-        let lenient = UaBinding { device_class: false };
+        let lenient = UaBinding {
+            device_class: false,
+        };
         assert!(evaluate(&lenient, &ctx(&phone, 0), &view(&home, None)).is_none());
     }
 }

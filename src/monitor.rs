@@ -1,0 +1,258 @@
+//! The live side of the risk engine: the active rule set (swapped atomically on
+//! reload), enrichment, rate limiters and the in-memory state of every session
+//! and user it has seen. It decides; the session service makes decisions durable.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+
+use crate::clock::SharedClock;
+use crate::enrich::{ClientInfo, Enricher};
+use crate::risk::state::{SessionState, UserState, assess};
+use crate::risk::{Evaluation, RateLimiters, RequestContext, RequestKind, RuleError, RuleSet};
+use crate::store::{STATE_STEP_UP, SessionRecord};
+
+/// The rule set used when no rule file is configured.
+pub const DEFAULT_RULES: &str = include_str!("../rules/default.toml");
+
+/// Most keys one rate limiter holds before it prunes idle ones.
+const RATE_KEYS_MAX: usize = 100_000;
+
+/// What the request looked like, beyond the token.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfo {
+    pub ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub referrer: Option<String>,
+    pub origin: Option<String>,
+    pub sec_fetch_site: Option<String>,
+    pub cost: Option<u32>,
+}
+
+/// Where the active rules came from, for `/readyz` and reload messages.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RulesStatus {
+    pub source: String,
+    pub hash: String,
+    pub rules: usize,
+    pub last_error: Option<String>,
+}
+
+/// The engine's answer for one request, with the enriched client it saw.
+#[derive(Debug, Clone)]
+pub struct Assessment {
+    pub evaluation: Evaluation,
+    pub client: ClientInfo,
+    /// This request put the session into step-up (persist it once).
+    pub newly_stepped_up: bool,
+}
+
+pub struct Monitor {
+    rules: ArcSwap<RuleSet>,
+    rules_path: Option<PathBuf>,
+    last_error: ArcSwap<Option<String>>,
+    enricher: Arc<Enricher>,
+    limiters: RateLimiters,
+    sessions: DashMap<String, SessionState>,
+    users: DashMap<String, UserState>,
+    clock: SharedClock,
+}
+
+impl Monitor {
+    /// Loads the rule file (or the built-in default rules when none is configured).
+    pub fn new(
+        rules_path: Option<PathBuf>,
+        enricher: Arc<Enricher>,
+        clock: SharedClock,
+    ) -> Result<Self, RuleError> {
+        let rules = match &rules_path {
+            Some(p) => RuleSet::load(p)?,
+            None => RuleSet::parse("(built-in rules/default.toml)", DEFAULT_RULES)?,
+        };
+        Ok(Self {
+            rules: ArcSwap::from_pointee(rules),
+            rules_path,
+            last_error: ArcSwap::from_pointee(None),
+            enricher,
+            limiters: RateLimiters::new(clock.clone(), RATE_KEYS_MAX),
+            sessions: DashMap::new(),
+            users: DashMap::new(),
+            clock,
+        })
+    }
+
+    pub fn rules(&self) -> Arc<RuleSet> {
+        self.rules.load_full()
+    }
+
+    pub fn rules_path(&self) -> Option<&Path> {
+        self.rules_path.as_deref()
+    }
+
+    /// Re-reads the rule file. An invalid file is refused and the current rules stay.
+    pub fn reload_rules(&self) -> Result<Option<String>, RuleError> {
+        let Some(path) = &self.rules_path else {
+            return Ok(None);
+        };
+        match RuleSet::load(path) {
+            Ok(rules) => {
+                let changed = rules.hash != self.rules.load().hash;
+                let hash = rules.hash.clone();
+                if changed {
+                    self.rules.store(Arc::new(rules));
+                }
+                self.last_error.store(Arc::new(None));
+                Ok(changed.then_some(hash))
+            }
+            Err(e) => {
+                self.last_error.store(Arc::new(Some(e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    pub fn rules_status(&self) -> RulesStatus {
+        let rules = self.rules.load();
+        RulesStatus {
+            source: rules.source.clone(),
+            hash: rules.hash.clone(),
+            rules: rules.rules.len(),
+            last_error: (**self.last_error.load()).clone(),
+        }
+    }
+
+    pub fn enricher(&self) -> &Enricher {
+        &self.enricher
+    }
+
+    pub fn enrich(&self, ip: IpAddr, user_agent: &str) -> ClientInfo {
+        self.enricher.enrich(ip, user_agent)
+    }
+
+    /// Whether the session's state is in memory.
+    pub fn knows(&self, session_id: &str) -> bool {
+        self.sessions.contains_key(session_id)
+    }
+
+    /// A new session, bound to the client that opened it.
+    pub fn bind(&self, session_id: &str, subject: &str, client: ClientInfo) {
+        self.users
+            .entry(subject.to_owned())
+            .or_default()
+            .learn(&client);
+        self.sessions.insert(
+            session_id.to_owned(),
+            SessionState::new(subject, Some(client)),
+        );
+    }
+
+    /// Re-authenticated: new binding, risk and step-up cleared.
+    pub fn rebind(&self, session_id: &str, subject: &str, client: ClientInfo) {
+        self.users
+            .entry(subject.to_owned())
+            .or_default()
+            .learn(&client);
+        self.sessions
+            .entry(session_id.to_owned())
+            .or_insert_with(|| SessionState::new(subject, None))
+            .rebind(client);
+    }
+
+    /// Rebuilds a session's state (and, the first time, its user's history) from the store.
+    pub fn load(&self, session: &SessionRecord, user_sessions: Option<&[SessionRecord]>) {
+        let parse = |s: &SessionRecord| {
+            s.binding_info
+                .as_deref()
+                .and_then(|b| serde_json::from_str::<ClientInfo>(b).ok())
+        };
+        if let Some(all) = user_sessions {
+            let mut user = self.users.entry(session.subject.clone()).or_default();
+            for s in all {
+                if let Some(b) = parse(s) {
+                    user.learn(&b);
+                }
+            }
+        }
+        let mut state = SessionState::new(&session.subject, parse(session));
+        state.risk = session.risk;
+        state.risk_at_ms = session.risk_at;
+        state.step_up = session.state == STATE_STEP_UP;
+        self.sessions
+            .entry(session.session_id.clone())
+            .or_insert(state);
+    }
+
+    pub fn knows_user(&self, subject: &str) -> bool {
+        self.users.contains_key(subject)
+    }
+
+    pub fn forget(&self, session_id: &str) {
+        self.sessions.remove(session_id);
+    }
+
+    /// Scores one request of a known session. `None` if the session's state is not loaded.
+    pub fn assess(
+        &self,
+        kind: RequestKind,
+        ids: (&str, &str, &str),
+        request: &RequestInfo,
+        refresh_reused: bool,
+    ) -> Option<Assessment> {
+        let (jti, session_id, subject) = ids;
+        let rules = self.rules.load();
+        let mut session = self.sessions.get_mut(session_id)?;
+        let client = match (request.ip, &session.binding) {
+            (Some(ip), bound) => {
+                let mut c = self.enrich(ip, request.user_agent.as_deref().unwrap_or(""));
+                // No User-Agent given is not a different browser: keep the bound one.
+                if request.user_agent.is_none()
+                    && let Some(b) = bound
+                {
+                    c.ua = b.ua.clone();
+                }
+                c
+            }
+            // Without the request's IP, the binding stands in: IP rules cannot fire.
+            (None, Some(bound)) => bound.clone(),
+            (None, None) => return None,
+        };
+        let ctx = RequestContext {
+            kind,
+            at_ms: self.clock.now_millis(),
+            client: &client,
+            method: request.method.as_deref(),
+            path: request.path.as_deref(),
+            referrer: request.referrer.as_deref(),
+            origin: request.origin.as_deref(),
+            sec_fetch_site: request.sec_fetch_site.as_deref(),
+            cost: request.cost.unwrap_or(1).max(1),
+            jti,
+            sid: session_id,
+            sub: subject,
+            refresh_reused,
+        };
+        // Lock order: session, then user (everywhere).
+        let mut user = self.users.entry(subject.to_owned()).or_default();
+        let flagged_before = session.step_up;
+        let evaluation = assess(&rules, &self.limiters, &ctx, &mut session, &mut user);
+        Some(Assessment {
+            newly_stepped_up: session.step_up && !flagged_before,
+            evaluation,
+            client,
+        })
+    }
+
+    /// Drops idle rate-limiter keys; call periodically.
+    pub fn maintain(&self) {
+        self.limiters.maintain();
+    }
+
+    pub fn sessions_in_memory(&self) -> usize {
+        self.sessions.len()
+    }
+}
