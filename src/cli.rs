@@ -39,6 +39,25 @@ enum Command {
     /// Key management.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Rule files: validate them and run their test cases.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesCommand {
+    /// Validate rule files; errors name file, line and column.
+    Check {
+        /// Rule files (TOML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run rule test cases: every *.toml in DIR (or one file), each a sequence of
+    /// timestamped session events with the decisions they must produce.
+    Test {
+        /// A case file or a directory of them, e.g. rules/tests.
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +134,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("database schema is up to date ({})", store.backend());
                 anyhow::Ok(())
             })
+        }
+        Command::Rules(RulesCommand::Check { files }) => {
+            let mut failed = 0;
+            for file in &files {
+                match crate::risk::RuleSet::load(file) {
+                    Ok(rules) => println!(
+                        "ok    {} ({} rules, hash {})",
+                        file.display(),
+                        rules.rules.len(),
+                        rules.hash
+                    ),
+                    Err(e) => {
+                        failed += 1;
+                        println!("error {e}");
+                    }
+                }
+            }
+            anyhow::ensure!(
+                failed == 0,
+                "{failed} of {} rule files have errors",
+                files.len()
+            );
+            Ok(())
+        }
+        Command::Rules(RulesCommand::Test { path }) => {
+            let ua = crate::enrich::UaParser::new()?;
+            let reports =
+                crate::risk::cases::run_dir(&path, &ua).map_err(|e| anyhow::anyhow!(e))?;
+            let mut failed = 0;
+            for r in &reports {
+                if r.passed() {
+                    println!("ok    {} ({} steps)", r.file.display(), r.steps);
+                } else {
+                    failed += 1;
+                    println!("FAIL  {}", r.file.display());
+                    if let Some(d) = &r.description {
+                        println!("      {d}");
+                    }
+                    for f in &r.failures {
+                        println!("      {f}");
+                    }
+                }
+            }
+            println!(
+                "{} case files, {} passed, {failed} failed",
+                reports.len(),
+                reports.len() - failed
+            );
+            anyhow::ensure!(failed == 0, "{failed} case files failed");
+            Ok(())
         }
         Command::Keys(KeysCommand::Generate { alg, out }) => {
             let key = generate(alg)?;

@@ -52,6 +52,10 @@ impl ManualClock {
         self.millis.fetch_add(ms, Ordering::SeqCst);
     }
 
+    pub fn set_millis(&self, millis: i64) {
+        self.millis.store(millis, Ordering::SeqCst);
+    }
+
     pub fn set(&self, unix_seconds: UnixSeconds) {
         self.millis
             .store(unix_seconds.saturating_mul(1000), Ordering::SeqCst);

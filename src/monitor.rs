@@ -141,26 +141,33 @@ impl Monitor {
 
     /// A new session, bound to the client that opened it.
     pub fn bind(&self, session_id: &str, subject: &str, client: ClientInfo) {
-        self.users
-            .entry(subject.to_owned())
-            .or_default()
-            .learn(&client);
-        self.sessions.insert(
-            session_id.to_owned(),
-            SessionState::new(subject, Some(client)),
-        );
+        let at_ms = self.clock.now_millis();
+        let state = SessionState::opened(subject, client, at_ms);
+        let last = state.recent.back().cloned();
+        self.sessions.insert(session_id.to_owned(), state);
+        let mut user = self.users.entry(subject.to_owned()).or_default();
+        if let Some(obs) = &last {
+            user.learn(&obs.client);
+        }
+        user.last = last;
     }
 
     /// Re-authenticated: new binding, risk and step-up cleared.
     pub fn rebind(&self, session_id: &str, subject: &str, client: ClientInfo) {
-        self.users
-            .entry(subject.to_owned())
-            .or_default()
-            .learn(&client);
-        self.sessions
-            .entry(session_id.to_owned())
-            .or_insert_with(|| SessionState::new(subject, None))
-            .rebind(client);
+        let at_ms = self.clock.now_millis();
+        let last = {
+            let mut session = self
+                .sessions
+                .entry(session_id.to_owned())
+                .or_insert_with(|| SessionState::new(subject, None));
+            session.rebind(client, at_ms);
+            session.recent.back().cloned()
+        };
+        let mut user = self.users.entry(subject.to_owned()).or_default();
+        if let Some(obs) = &last {
+            user.learn(&obs.client);
+        }
+        user.last = last;
     }
 
     /// Rebuilds a session's state (and, the first time, its user's history) from the store.
@@ -178,7 +185,13 @@ impl Monitor {
                 }
             }
         }
-        let mut state = SessionState::new(&session.subject, parse(session));
+        let mut state = match parse(session) {
+            // The last sighting we know durably is the sign-in (or re-authentication).
+            Some(b) => {
+                SessionState::opened(&session.subject, b, session.auth_time.saturating_mul(1000))
+            }
+            None => SessionState::new(&session.subject, None),
+        };
         state.risk = session.risk;
         state.risk_at_ms = session.risk_at;
         state.step_up = session.state == STATE_STEP_UP;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use geoip::{GeoIp, GeoStatus};
+pub use geoip::{DbLayout, DbStatus, GeoIp, GeoResult, GeoStatus};
 pub use useragent::{DeviceClass, UaFingerprint, UaParser};
 
 /// Where the databases are and how to treat what they lack.

@@ -3,6 +3,7 @@
 //! one piece of state is the rate limiters handed to it, which are driven by the
 //! same injected clock the caller used to stamp the request.
 
+pub mod cases;
 pub mod detectors;
 pub mod geo;
 pub mod message;

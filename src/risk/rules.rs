@@ -209,12 +209,16 @@ pub struct Referrer {
     pub missing: Missing,
 }
 
+/// What tells two holders of one session apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkBy {
     Ip,
     Prefix,
     Asn,
+    Country,
+    /// The browser alone: Wi-Fi/mobile flapping with one browser never looks like two holders.
+    UserAgent,
 }
 
 #[derive(Debug, Deserialize)]

@@ -37,11 +37,34 @@ impl SessionState {
         }
     }
 
+    /// A session just opened: its binding is also its first sighting (velocity
+    /// and concurrent-use checks start from the sign-in).
+    pub fn opened(subject: &str, binding: ClientInfo, at_ms: i64) -> Self {
+        let mut s = Self::new(subject, Some(binding.clone()));
+        s.remember(Observation {
+            at_ms,
+            client: binding,
+        });
+        s
+    }
+
     /// After re-authentication: new binding, risk and step-up cleared, history kept.
-    pub fn rebind(&mut self, binding: ClientInfo) {
-        self.binding = Some(binding);
+    pub fn rebind(&mut self, binding: ClientInfo, at_ms: i64) {
+        self.binding = Some(binding.clone());
         self.risk = 0.0;
+        self.risk_at_ms = at_ms;
         self.step_up = false;
+        self.remember(Observation {
+            at_ms,
+            client: binding,
+        });
+    }
+
+    fn remember(&mut self, observation: Observation) {
+        if self.recent.len() == RECENT_PER_SESSION {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(observation);
     }
 }
 
@@ -109,10 +132,7 @@ pub fn assess(
         at_ms: ctx.at_ms,
         client: ctx.client.clone(),
     };
-    if session.recent.len() == RECENT_PER_SESSION {
-        session.recent.pop_front();
-    }
-    session.recent.push_back(observation.clone());
+    session.remember(observation.clone());
     user.last = Some(observation);
     // Only requests we let through teach us where the user is.
     if evaluation.decision == Decision::Allow {
@@ -207,7 +227,7 @@ mod tests {
             assess(&rules, &limiters, &ctx(&home, 0), &mut s, &mut u).decision,
             Decision::StepUp
         );
-        s.rebind(home.clone());
+        s.rebind(home.clone(), 0);
         assert_eq!(
             assess(&rules, &limiters, &ctx(&home, 1), &mut s, &mut u).decision,
             Decision::Allow

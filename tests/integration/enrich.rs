@@ -34,7 +34,7 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
 
-fn net(s: &str) -> IpNet {
+pub(crate) fn net(s: &str) -> IpNet {
     s.parse().expect("test network")
 }
 
@@ -46,14 +46,14 @@ fn assert_near(actual: f64, expected: f64, what: &str) {
 }
 
 /// Writes `writer` to `path` the way operators must: to a temporary name, then rename.
-fn install(writer: &Writer, path: &Path) {
+pub(crate) fn install(writer: &Writer, path: &Path) {
     let bytes = writer.to_bytes().expect("serialize mmdb");
     let tmp = path.with_extension("mmdb.tmp");
     std::fs::write(&tmp, bytes).expect("write temp db");
     std::fs::rename(&tmp, path).expect("rename db into place");
 }
 
-fn writer(database_type: &str, version: IpVersion) -> Writer {
+pub(crate) fn writer(database_type: &str, version: IpVersion) -> Writer {
     Writer::builder(database_type)
         .ip_version(version)
         .build_epoch(UNIX_EPOCH + Duration::from_secs(1_780_000_000))
@@ -61,7 +61,7 @@ fn writer(database_type: &str, version: IpVersion) -> Writer {
 }
 
 /// A record shaped like GeoIP2-City (doubles, u16 radius, nested names).
-fn geoip2_city(iso: &str, city: &str, lat: f64, lon: f64, radius: u16) -> Value {
+pub(crate) fn geoip2_city(iso: &str, city: &str, lat: f64, lon: f64, radius: u16) -> Value {
     Value::map([
         (
             "city",
@@ -93,7 +93,7 @@ fn flat_city(iso: &str, city: &str, lat: f32, lon: f32) -> Value {
     ])
 }
 
-fn asn_record(number: u32, org: &str) -> Value {
+pub(crate) fn asn_record(number: u32, org: &str) -> Value {
     Value::map([
         ("autonomous_system_number", Value::from(number)),
         ("autonomous_system_organization", Value::from(org)),

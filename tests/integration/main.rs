@@ -4,6 +4,7 @@
 mod api;
 mod enrich;
 mod interop;
+mod risk;
 mod store;
 mod support;
 mod tokens;

@@ -1,7 +1,7 @@
 //! `concurrent_use`: one session used from two network fingerprints, interleaved
 //! (A, then B, then A again) within a window — two holders of one token, not one
-//! user who moved. The fingerprint is the IP, prefix or ASN, plus by default the
-//! user-agent fingerprint.
+//! user who moved. The fingerprint is the IP, prefix, ASN or country (plus by
+//! default the user-agent fingerprint), or the user-agent fingerprint alone.
 
 use super::hit;
 use crate::enrich::ClientInfo;
@@ -15,6 +15,8 @@ fn fingerprint(p: &ConcurrentUse, c: &ClientInfo) -> String {
         NetworkBy::Asn => c
             .asn
             .map_or_else(|| c.prefix.to_string(), |a| format!("AS{a}")),
+        NetworkBy::Country => c.country.clone().unwrap_or_else(|| "??".to_owned()),
+        NetworkBy::UserAgent => return c.ua.key(),
     };
     if p.include_user_agent {
         format!("{net}|{}", c.ua.key())
