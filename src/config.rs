@@ -69,6 +69,12 @@ pub struct FileConfig {
     pub geoip_city: Option<PathBuf>,
     /// MaxMind-format ASN database.
     pub geoip_asn: Option<PathBuf>,
+    /// Accuracy radius (km) assumed when the city database gives none (DB-IP Lite). Default 50.
+    pub geoip_default_radius_km: Option<f64>,
+    /// Prefix length that makes two IPv4 addresses "the same network". Default 24.
+    pub ip_prefix_v4: Option<u8>,
+    /// Prefix length that makes two IPv6 addresses "the same network". Default 48.
+    pub ip_prefix_v6: Option<u8>,
     /// Bearer token for the admin listener.
     pub admin_token: Option<String>,
     /// Proxies whose forwarding headers are believed (CIDRs).
@@ -183,6 +189,9 @@ pub struct Settings {
     pub rules: Option<PathBuf>,
     pub geoip_city: Option<PathBuf>,
     pub geoip_asn: Option<PathBuf>,
+    pub geoip_default_radius_km: f64,
+    pub ip_prefix_v4: u8,
+    pub ip_prefix_v6: u8,
     pub admin_token: Option<Secret>,
     pub trusted_proxies: Vec<IpNet>,
     pub log: String,
@@ -293,6 +302,21 @@ impl Settings {
             }
         }
 
+        let geoip_default_radius_km = file.geoip_default_radius_km.unwrap_or(50.0);
+        if !(0.0..=20_000.0).contains(&geoip_default_radius_km) {
+            return Err(invalid(
+                "geoip_default_radius_km",
+                "must be between 0 and 20000",
+            ));
+        }
+        let ip_prefix_v4 = file.ip_prefix_v4.unwrap_or(24);
+        let ip_prefix_v6 = file.ip_prefix_v6.unwrap_or(48);
+        if !(8..=32).contains(&ip_prefix_v4) || !(16..=128).contains(&ip_prefix_v6) {
+            return Err(invalid(
+                "ip_prefix_v4/ip_prefix_v6",
+                "must be 8 to 32 (IPv4) and 16 to 128 (IPv6)",
+            ));
+        }
         let admin_token = var("TOKENWARDEN_ADMIN_TOKEN")
             .or(file.admin_token)
             .map(|t| {
@@ -375,6 +399,9 @@ impl Settings {
             rules,
             geoip_city,
             geoip_asn,
+            geoip_default_radius_km,
+            ip_prefix_v4,
+            ip_prefix_v6,
             admin_token,
             trusted_proxies,
             log,

@@ -119,7 +119,9 @@ impl Application {
             EnrichConfig {
                 geoip_city: settings.geoip_city.clone(),
                 geoip_asn: settings.geoip_asn.clone(),
-                ..EnrichConfig::default()
+                default_radius_km: settings.geoip_default_radius_km,
+                prefix_v4: settings.ip_prefix_v4,
+                prefix_v6: settings.ip_prefix_v6,
             },
             Arc::new(UaParser::new()?),
         )?;
