@@ -99,7 +99,11 @@ fn load_settings(config: Option<&Path>) -> anyhow::Result<Settings> {
 fn init_logging(filter: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .with_context(|| format!("TOKENWARDEN_LOG: {filter:?} is not a log filter"))?;
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
     Ok(())
 }
 

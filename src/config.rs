@@ -90,6 +90,36 @@ pub struct FileConfig {
     /// Signing and verification keys. Empty: a generated EdDSA key in `data_dir`.
     #[serde(default)]
     pub keys: Vec<KeyEntry>,
+    /// Several nodes on one PostgreSQL.
+    #[serde(default)]
+    pub cluster: ClusterSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Declares that several nodes share the database (refused on SQLite).
+    pub enabled: Option<bool>,
+    /// How often a node reads the change feed without a notification. Default `1s`.
+    pub poll_interval: Option<String>,
+    /// A node that has not read the feed for this long is stale. Default `30s`.
+    pub max_lag: Option<String>,
+    /// A stale node stops answering `allow` (503 instead). Default true.
+    pub fail_closed: Option<bool>,
+    /// Name of this node in `pg_stat_activity` and logs. Default `tokenwarden-<pid>`.
+    pub node_name: Option<String>,
+    /// How long changes stay in the feed. Default `24h`.
+    pub change_retention: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub enabled: bool,
+    pub poll_interval: Duration,
+    pub max_lag: Duration,
+    pub fail_closed: bool,
+    pub node_name: String,
+    pub change_retention: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -200,6 +230,7 @@ pub struct Settings {
     pub tokens: TokenSettings,
     /// Empty means: a generated EdDSA key in `data_dir`.
     pub keys: Vec<KeyEntry>,
+    pub cluster: ClusterSettings,
 }
 
 /// The environment variables we read, each overriding the file key of the same meaning.
@@ -372,6 +403,43 @@ impl Settings {
             }
         }
 
+        let c = file.cluster;
+        let cluster = ClusterSettings {
+            enabled: c.enabled.unwrap_or(false),
+            poll_interval: parse_duration(
+                "cluster.poll_interval",
+                c.poll_interval,
+                Duration::from_secs(1),
+            )?,
+            max_lag: parse_duration("cluster.max_lag", c.max_lag, Duration::from_secs(30))?,
+            fail_closed: c.fail_closed.unwrap_or(true),
+            node_name: c
+                .node_name
+                .unwrap_or_else(|| format!("tokenwarden-{}", std::process::id())),
+            change_retention: parse_duration(
+                "cluster.change_retention",
+                c.change_retention,
+                Duration::from_secs(24 * 3600),
+            )?,
+        };
+        if cluster.poll_interval.is_zero() || cluster.poll_interval > Duration::from_secs(60) {
+            return Err(invalid(
+                "cluster.poll_interval",
+                "must be between 1ms and 60s",
+            ));
+        }
+        if cluster.max_lag <= cluster.poll_interval {
+            return Err(invalid(
+                "cluster.max_lag",
+                "must be longer than cluster.poll_interval",
+            ));
+        }
+        if cluster.enabled && database_url.starts_with("sqlite:") {
+            return Err(invalid(
+                "cluster.enabled",
+                "SQLite is single-node: several nodes need a shared PostgreSQL (database_url = \"postgres://…\")",
+            ));
+        }
         let tokens = resolve_tokens(file.tokens)?;
         let mut kids = std::collections::HashSet::new();
         for key in &file.keys {
@@ -408,6 +476,7 @@ impl Settings {
             apps,
             tokens,
             keys: file.keys,
+            cluster,
         })
     }
 }
@@ -701,6 +770,22 @@ mod tests {
         assert_eq!(file.apps.len(), 1);
         assert_eq!(file.keys.len(), 2);
         assert_eq!(file.tokens.signing_kid.as_deref(), Some("2026-11"));
+    }
+
+    #[test]
+    fn a_cluster_on_sqlite_is_refused_with_the_way_out() {
+        let file: FileConfig = toml::from_str("[cluster]\nenabled = true\n").unwrap();
+        let err = Settings::resolve(file, &BTreeMap::new()).unwrap_err();
+        assert!(err.to_string().contains("PostgreSQL"), "{err}");
+        let file: FileConfig =
+            toml::from_str("database_url = \"postgres://x@h/db\"\n[cluster]\nenabled = true\n")
+                .unwrap();
+        assert!(
+            Settings::resolve(file, &BTreeMap::new())
+                .unwrap()
+                .cluster
+                .enabled
+        );
     }
 
     #[test]

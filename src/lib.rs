@@ -11,6 +11,8 @@ pub mod clock;
 pub mod config;
 /// Request enrichment: GeoIP location and ASN, network prefix, user-agent fingerprint.
 pub mod enrich;
+/// The change feed that keeps several nodes' in-memory views in step (PostgreSQL).
+pub mod feed;
 /// The HTTP layer: routers, extractors, the error type and the application runner.
 pub mod http;
 /// The live risk engine: active rules, enrichment, rate limiters, session and user state.

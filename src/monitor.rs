@@ -208,6 +208,18 @@ impl Monitor {
         self.sessions.remove(session_id);
     }
 
+    /// Drops every cached session state; each is reloaded from the store when next seen.
+    pub fn forget_all(&self) {
+        self.sessions.clear();
+    }
+
+    /// Another node put this session into step-up.
+    pub fn mark_step_up(&self, session_id: &str) {
+        if let Some(mut s) = self.sessions.get_mut(session_id) {
+            s.step_up = true;
+        }
+    }
+
     /// Scores one request of a known session. `None` if the session's state is not loaded.
     pub fn assess(
         &self,

@@ -36,6 +36,10 @@ pub enum Change {
         generation: i64,
         until: UnixSeconds,
     },
+    /// The rules asked this session to re-authenticate (cleared by `SessionEpoch`).
+    StepUp {
+        session_id: String,
+    },
 }
 
 /// Why a token is refused by the view.
@@ -107,6 +111,8 @@ impl RevocationView {
                 let mut e = self.users.entry(subject).or_insert((generation, until));
                 *e = (e.0.max(generation), e.1.max(until));
             }
+            // Risk state, not revocation: the monitor handles it.
+            Change::StepUp { .. } => {}
         }
     }
 

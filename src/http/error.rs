@@ -37,6 +37,8 @@ pub enum ApiError {
         code: &'static str,
         detail: String,
     },
+    /// This node must not answer now (e.g. its change feed is stale); says why.
+    Unavailable(String),
     /// Something failed on our side; the cause is logged, not shown.
     Internal(String),
 }
@@ -150,6 +152,18 @@ impl IntoResponse for ApiError {
                 StatusCode::CONFLICT,
                 problem(StatusCode::CONFLICT, code, "Conflict", &detail),
             ),
+            Self::Unavailable(why) => {
+                tracing::warn!(%why, "refusing to answer");
+                problem_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "temporarily_unavailable",
+                        "Unavailable",
+                        &why,
+                    ),
+                )
+            }
             Self::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 problem_response(
@@ -210,6 +224,7 @@ impl From<SessionError> for ApiError {
                 retry_after: ev.retry_after.unwrap_or(1),
                 detail: ev.user_message.unwrap_or(message),
             },
+            SessionError::Unavailable(why) => Self::Unavailable(why),
             SessionError::Token(TokenError::Signing) => Self::Internal(e.to_string()),
             SessionError::Token(t) => t.into(),
             SessionError::Store(s) => Self::Internal(s.to_string()),

@@ -24,7 +24,8 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
             "unreachable".to_owned()
         }
     };
-    let ready = database == "ok";
+    let feed = state.feed.as_ref().map(|f| f.status());
+    let ready = database == "ok" && !feed.as_ref().is_some_and(|f| f.stale);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -39,6 +40,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
             "sessions_in_memory": state.sessions.monitor().sessions_in_memory(),
             "rules": state.sessions.monitor().rules_status(),
             "geoip": state.sessions.monitor().enricher().geoip().status(),
+            "change_feed": feed,
         })),
     )
 }

@@ -29,6 +29,7 @@ pub use verify::{Decision, decide};
 use crate::clock::SharedClock;
 use crate::config::{AppCredential, Secret, Settings, sha256, to_hex};
 use crate::enrich::{EnrichConfig, Enricher, UaParser};
+use crate::feed::{Feed, FeedSettings};
 use crate::monitor::Monitor;
 use crate::session::SessionService;
 use crate::store;
@@ -38,6 +39,8 @@ use crate::token::{KeySet, TokenCodec, random_bytes, write_private};
 #[derive(Clone)]
 pub struct AppState {
     pub sessions: Arc<SessionService>,
+    /// The change feed this node follows (PostgreSQL only).
+    pub feed: Option<Arc<Feed>>,
     pub apps: Arc<Vec<AppCredential>>,
     pub admin_token: Option<Arc<Secret>>,
 }
@@ -74,6 +77,8 @@ pub struct Application {
     public: TcpListener,
     admin: TcpListener,
     state: AppState,
+    database_url: String,
+    change_retention: Duration,
 }
 
 impl Application {
@@ -135,16 +140,39 @@ impl Application {
             .map_err(|e| anyhow::anyhow!("rule file refused: {e}"))?;
         let rules = monitor.rules_status();
         tracing::info!(source = %rules.source, hash = %rules.hash, rules = rules.rules, "rules loaded");
+        // The feed position is read before the snapshot, so nothing falls between them.
+        let head = store
+            .head_change()
+            .await
+            .context("cannot read the change feed")?;
+        let postgres = store.backend() == "postgres";
         let sessions = SessionService::start(
             store,
             codec,
             Arc::new(monitor),
-            clock,
+            clock.clone(),
             settings.tokens.clone(),
         )
         .await
         .context("cannot load revocations")?;
+        let feed = postgres.then(|| {
+            let c = &settings.cluster;
+            Arc::new(Feed::new(
+                FeedSettings {
+                    poll_interval: c.poll_interval,
+                    max_lag: c.max_lag,
+                    fail_closed: c.fail_closed,
+                    node_name: c.node_name.clone(),
+                },
+                head,
+            ))
+        });
+        if let Some(feed) = feed.as_ref().filter(|_| settings.cluster.fail_closed) {
+            let feed = feed.clone();
+            sessions.set_freshness_guard(Arc::new(move || feed.stale_reason()));
+        }
         let state = AppState {
+            feed,
             sessions: Arc::new(sessions),
             apps: Arc::new(apps),
             admin_token: settings.admin_token.clone().map(Arc::new),
@@ -159,6 +187,8 @@ impl Application {
             public,
             admin,
             state,
+            database_url: settings.database_url.clone(),
+            change_retention: settings.cluster.change_retention,
         })
     }
 
@@ -184,12 +214,22 @@ impl Application {
             let _ = rx.wait_for(|stopped| *stopped).await;
         };
         let sessions = self.state.sessions.clone();
+        let retention = i64::try_from(self.change_retention.as_secs()).unwrap_or(i64::MAX);
+        let follower = self
+            .state
+            .feed
+            .clone()
+            .map(|feed| feed.spawn(self.state.sessions.clone(), self.database_url.clone()));
         let pruner = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;
                 sessions.prune();
                 sessions.monitor().maintain();
+                let cutoff = sessions.now().saturating_sub(retention);
+                if let Err(e) = sessions.store().prune_changes(cutoff).await {
+                    tracing::warn!(error = %e, "cannot prune the change feed");
+                }
                 match sessions.monitor().enricher().geoip().reload() {
                     Ok(true) => tracing::info!("GeoIP databases reloaded"),
                     Ok(false) => {}
@@ -217,6 +257,9 @@ impl Application {
         let (p, a) = tokio::join!(public, admin);
         pruner.abort();
         reloader.abort();
+        if let Some(f) = follower {
+            f.abort();
+        }
         p??;
         a??;
         Ok(())

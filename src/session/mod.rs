@@ -20,7 +20,8 @@ use crate::revocation::{Change, RevocationView, RevokedBy, TokenIds};
 use crate::risk::{Decision, Evaluation, RequestKind};
 use crate::store::{
     NewRefresh, ReauthRequest, RefreshRejection, RevokedJti, RotateOutcome, RotateRequest,
-    STATE_ACTIVE, Seen, SessionRecord, SharedStore, StoreError,
+    STATE_ACTIVE, Seen, SessionRecord, SharedStore, StoreError, session_reauthenticated,
+    session_revoked,
 };
 use crate::token::{AccessClaims, TokenCodec, TokenError, binding_digest, random_bytes};
 use input::{AuthContext, Client, Subject};
@@ -45,6 +46,8 @@ pub enum SessionError {
     Denied(Box<Evaluation>),
     #[error("the session was ended by the risk rules")]
     RiskRevoked(Box<Evaluation>),
+    #[error("this node cannot vouch for revocations: {0}")]
+    Unavailable(String),
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -124,6 +127,8 @@ pub struct SessionService {
     monitor: Arc<Monitor>,
     clock: SharedClock,
     settings: TokenSettings,
+    /// Says why this node must not answer `allow` (a stale change feed), if it must not.
+    freshness: std::sync::OnceLock<Arc<dyn Fn() -> Option<String> + Send + Sync>>,
 }
 
 impl SessionService {
@@ -147,6 +152,7 @@ impl SessionService {
             monitor,
             clock,
             settings,
+            freshness: std::sync::OnceLock::new(),
         })
     }
 
@@ -347,10 +353,7 @@ impl SessionService {
                     subject = %session.subject,
                     "refresh token reuse: session revoked"
                 );
-                self.view.apply(Change::SessionRevoked {
-                    session_id: session.session_id.clone(),
-                    until: session.access_exp_max,
-                });
+                self.view.apply(session_revoked(&session));
                 // The rules may widen the revocation (e.g. to every session of the user).
                 if self
                     .ensure_loaded(&session.session_id, &session.subject)
@@ -405,11 +408,7 @@ impl SessionService {
                 None => Err(SessionError::NotFound),
             };
         };
-        self.view.apply(Change::SessionEpoch {
-            session_id: session.session_id.clone(),
-            epoch: session.epoch,
-            until: session.epoch_until,
-        });
+        self.view.apply(session_reauthenticated(&session));
         self.monitor
             .rebind(&session.session_id, &session.subject, info);
         let access = self.mint_for(&session, now, exp)?;
@@ -427,10 +426,7 @@ impl SessionService {
             .revoke_session(session_id, reason, self.clock.now())
             .await?
             .ok_or(SessionError::NotFound)?;
-        self.view.apply(Change::SessionRevoked {
-            session_id: session.session_id.clone(),
-            until: session.access_exp_max,
-        });
+        self.view.apply(session_revoked(&session));
         self.monitor.forget(&session.session_id);
         Ok(())
     }
@@ -540,6 +536,9 @@ impl SessionService {
             Ok(c) => c,
             Err(verdict) => return Ok(verdict),
         };
+        if let Some(why) = self.stale() {
+            return Err(SessionError::Unavailable(why));
+        }
         if !self.ensure_loaded(&claims.sid, &claims.sub).await? {
             return Ok(Verdict::Revoked(Box::new(claims), RevokedBy::Session));
         }
@@ -629,6 +628,40 @@ impl SessionService {
             }
             _ => inactive,
         })
+    }
+
+    /// Applies a change made by another node (or replayed from the feed): the
+    /// revocation view, and the risk state it invalidates.
+    pub fn apply_remote(&self, change: Change) {
+        match &change {
+            Change::SessionRevoked { session_id, .. } | Change::SessionEpoch { session_id, .. } => {
+                // Reloaded from the store on its next request (new binding, risk, flags).
+                self.monitor.forget(session_id);
+            }
+            Change::StepUp { session_id } => self.monitor.mark_step_up(session_id),
+            Change::JtiRevoked { .. } | Change::UserGeneration { .. } => {}
+        }
+        self.view.apply(change);
+    }
+
+    /// Rebuilds the revocation view from the store and drops all cached risk state:
+    /// for a node that lost track of the change feed.
+    pub async fn resync(&self) -> Result<(), SessionError> {
+        let now = self.clock.now();
+        for change in self.store.revocations(now - self.codec.leeway()).await? {
+            self.view.apply(change);
+        }
+        self.monitor.forget_all();
+        Ok(())
+    }
+
+    /// When set, a node whose change feed is stale refuses to allow (fail closed).
+    pub fn set_freshness_guard(&self, guard: Arc<dyn Fn() -> Option<String> + Send + Sync>) {
+        let _ = self.freshness.set(guard);
+    }
+
+    fn stale(&self) -> Option<String> {
+        self.freshness.get().and_then(|g| g())
     }
 
     /// Drops revocation entries no live token can need (called periodically).

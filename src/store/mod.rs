@@ -11,7 +11,24 @@ use async_trait::async_trait;
 use crate::clock::UnixSeconds;
 use crate::revocation::Change;
 
-pub use sql::{PostgresStore, SqliteStore};
+pub use sql::{CHANGE_CHANNEL, PostgresStore, SqliteStore, change_listener};
+
+/// The change that revoking this session records.
+pub fn session_revoked(s: &SessionRecord) -> Change {
+    Change::SessionRevoked {
+        session_id: s.session_id.clone(),
+        until: s.access_exp_max,
+    }
+}
+
+/// The change that a re-authentication of this session records.
+pub fn session_reauthenticated(s: &SessionRecord) -> Change {
+    Change::SessionEpoch {
+        session_id: s.session_id.clone(),
+        epoch: s.epoch,
+        until: s.epoch_until,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -19,6 +36,8 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot encode a change: {0}")]
+    Encode(#[from] serde_json::Error),
     #[error("unsupported database URL (use sqlite://… or postgres://…)")]
     UnsupportedUrl,
     #[error("cannot create the database folder {path}: {source}")]
@@ -228,6 +247,14 @@ pub trait Store: Send + Sync + 'static {
         risk: f64,
         risk_at_ms: i64,
     ) -> Result<(), StoreError>;
+
+    /// The newest change's sequence number (0 when there is none).
+    async fn head_change(&self) -> Result<i64, StoreError>;
+    /// Changes after `after`, in order, at most `limit`.
+    async fn changes_since(&self, after: i64, limit: i64)
+    -> Result<Vec<(i64, Change)>, StoreError>;
+    /// Deletes changes recorded before `before` (seconds); returns how many.
+    async fn prune_changes(&self, before: UnixSeconds) -> Result<u64, StoreError>;
 
     /// Every revocation that can still matter at `now`, to fill the in-memory view.
     async fn revocations(&self, now: UnixSeconds) -> Result<Vec<Change>, StoreError>;

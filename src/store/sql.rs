@@ -29,19 +29,31 @@ struct Dialect {
     begin_write: &'static str,
     refresh_for_update: &'static str,
     session_for_update: &'static str,
+    /// Serialises change writers so sequence numbers follow commit order (SQLite's
+    /// write lock already does).
+    lock_changes: Option<&'static str>,
+    /// Wakes the other nodes when the transaction commits.
+    notify_change: Option<&'static str>,
 }
 
 const SQLITE: Dialect = Dialect {
     begin_write: "BEGIN IMMEDIATE",
     refresh_for_update: "SELECT * FROM refresh_tokens WHERE token_hash = $1",
     session_for_update: "SELECT * FROM sessions WHERE session_id = $1",
+    lock_changes: None,
+    notify_change: None,
 };
 
 const POSTGRES: Dialect = Dialect {
     begin_write: "BEGIN",
     refresh_for_update: "SELECT * FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE",
     session_for_update: "SELECT * FROM sessions WHERE session_id = $1 FOR UPDATE",
+    lock_changes: Some("SELECT pg_advisory_xact_lock(7243001)"),
+    notify_change: Some("SELECT pg_notify('tokenwarden_changes', $1)"),
 };
+
+/// The channel nodes LISTEN on; the payload is the new sequence number.
+pub const CHANGE_CHANNEL: &str = "tokenwarden_changes";
 
 const INSERT_SESSION: &str = "INSERT INTO sessions (session_id, subject, created_at, last_seen_at, auth_time, ip, user_agent, binding, acr, amr, claims, state, revoked_at, revoked_reason, epoch, epoch_until, user_generation, access_exp_max, binding_info, risk, risk_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)";
@@ -67,6 +79,12 @@ const REVOKE_USER_SESSIONS: &str = "UPDATE sessions SET state = 'revoked', revok
 const RETIRE_USER_REFRESH: &str = "UPDATE refresh_tokens SET retired_at = $2, retired_reason = 'revoked' \
      WHERE retired_at IS NULL AND session_id IN (SELECT session_id FROM sessions WHERE subject = $1)";
 const INSERT_REVOKED_JTI: &str = "INSERT INTO revoked_jti (jti, session_id, subject, exp, revoked_at, reason) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (jti) DO NOTHING";
+const INSERT_CHANGE: &str = "INSERT INTO changes (seq, change, created_at) \
+     SELECT COALESCE(MAX(seq), 0) + 1, $1, $2 FROM changes RETURNING seq";
+const HEAD_CHANGE: &str = "SELECT COALESCE(MAX(seq), 0) FROM changes";
+const CHANGES_SINCE: &str = "SELECT seq, change FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2";
+const PRUNE_CHANGES: &str =
+    "DELETE FROM changes WHERE created_at < $1 AND seq < (SELECT MAX(seq) FROM changes)";
 const LIVE_REVOKED_JTI: &str = "SELECT jti, exp FROM revoked_jti WHERE exp > $1";
 const LIVE_REVOKED_SESSIONS: &str = "SELECT session_id, access_exp_max FROM sessions WHERE state = 'revoked' AND access_exp_max > $1";
 const LIVE_EPOCHS: &str = "SELECT session_id, epoch, epoch_until FROM sessions WHERE epoch > 0 AND epoch_until > $1 AND state <> 'revoked'";
@@ -74,10 +92,34 @@ const LIVE_GENERATIONS: &str =
     "SELECT subject, generation, valid_until FROM users WHERE valid_until > $1";
 
 macro_rules! sql_store {
-    ($store:ident, $pool:ty, $dialect:expr, $migrator:expr, $backend:literal) => {
+    ($store:ident, $db:ty, $pool:ty, $dialect:expr, $migrator:expr, $backend:literal) => {
         impl $store {
             pub fn pool(&self) -> &$pool {
                 &self.pool
+            }
+
+            /// Appends a change to the feed. Always the last statement of its transaction,
+            /// so the feed lock is held only until the commit right after it.
+            async fn record(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                change: &Change,
+                now: UnixSeconds,
+            ) -> Result<(), StoreError> {
+                if let Some(lock) = $dialect.lock_changes {
+                    sqlx::query(lock).execute(&mut **tx).await?;
+                }
+                let (seq,): (i64,) = sqlx::query_as(INSERT_CHANGE)
+                    .bind(serde_json::to_string(change)?)
+                    .bind(now)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                if let Some(notify) = $dialect.notify_change {
+                    sqlx::query(notify)
+                        .bind(seq.to_string())
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                Ok(())
             }
         }
 
@@ -219,6 +261,7 @@ macro_rules! sql_store {
                             .bind("revoked")
                             .execute(&mut *tx)
                             .await?;
+                        Self::record(&mut tx, &super::session_revoked(&revoked), now).await?;
                         RotateOutcome::Reused(revoked)
                     }
                     RotateAction::Rotate | RotateAction::GraceSibling => {
@@ -285,6 +328,12 @@ macro_rules! sql_store {
                     .bind(r.next.expires_at)
                     .execute(&mut *tx)
                     .await?;
+                Self::record(
+                    &mut tx,
+                    &super::session_reauthenticated(&updated),
+                    r.seen.at,
+                )
+                .await?;
                 tx.commit().await?;
                 Ok(Some(updated))
             }
@@ -310,6 +359,7 @@ macro_rules! sql_store {
                             .bind("revoked")
                             .execute(&mut *tx)
                             .await?;
+                        Self::record(&mut tx, &super::session_revoked(&s), now).await?;
                         Some(s)
                     }
                     // Already revoked (idempotent) or unknown.
@@ -347,20 +397,36 @@ macro_rules! sql_store {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
+                let change = Change::UserGeneration {
+                    subject: subject.to_owned(),
+                    generation,
+                    until: valid_until,
+                };
+                Self::record(&mut tx, &change, now).await?;
                 tx.commit().await?;
                 Ok((revoked, generation))
             }
 
             async fn revoke_jti(&self, j: &RevokedJti) -> Result<(), StoreError> {
-                sqlx::query(INSERT_REVOKED_JTI)
+                let mut tx = self.pool.begin_with($dialect.begin_write).await?;
+                let inserted = sqlx::query(INSERT_REVOKED_JTI)
                     .bind(&j.jti)
                     .bind(&j.session_id)
                     .bind(&j.subject)
                     .bind(j.exp)
                     .bind(j.revoked_at)
                     .bind(&j.reason)
-                    .execute(&self.pool)
-                    .await?;
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if inserted > 0 {
+                    let change = Change::JtiRevoked {
+                        jti: j.jti.clone(),
+                        until: j.exp,
+                    };
+                    Self::record(&mut tx, &change, j.revoked_at).await?;
+                }
+                tx.commit().await?;
                 Ok(())
             }
 
@@ -370,13 +436,50 @@ macro_rules! sql_store {
                 risk: f64,
                 risk_at_ms: i64,
             ) -> Result<(), StoreError> {
-                sqlx::query(SET_STEP_UP)
+                let mut tx = self.pool.begin_with($dialect.begin_write).await?;
+                let updated = sqlx::query(SET_STEP_UP)
                     .bind(session_id)
                     .bind(risk)
                     .bind(risk_at_ms)
-                    .execute(&self.pool)
-                    .await?;
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if updated > 0 {
+                    let change = Change::StepUp {
+                        session_id: session_id.to_owned(),
+                    };
+                    Self::record(&mut tx, &change, risk_at_ms / 1000).await?;
+                }
+                tx.commit().await?;
                 Ok(())
+            }
+
+            async fn head_change(&self) -> Result<i64, StoreError> {
+                let (head,): (i64,) = sqlx::query_as(HEAD_CHANGE).fetch_one(&self.pool).await?;
+                Ok(head)
+            }
+
+            async fn changes_since(
+                &self,
+                after: i64,
+                limit: i64,
+            ) -> Result<Vec<(i64, Change)>, StoreError> {
+                let rows: Vec<(i64, String)> = sqlx::query_as(CHANGES_SINCE)
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter()
+                    .map(|(seq, json)| Ok((seq, serde_json::from_str(&json)?)))
+                    .collect()
+            }
+
+            async fn prune_changes(&self, before: UnixSeconds) -> Result<u64, StoreError> {
+                Ok(sqlx::query(PRUNE_CHANGES)
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected())
             }
 
             async fn revocations(&self, after: UnixSeconds) -> Result<Vec<Change>, StoreError> {
@@ -461,6 +564,24 @@ pub struct PostgresStore {
     pool: PgPool,
 }
 
+/// A dedicated connection that LISTENs for change notifications. `application_name`
+/// shows in `pg_stat_activity`, so operators (and tests) can find it.
+pub async fn change_listener(
+    url: &str,
+    application_name: &str,
+) -> Result<sqlx::postgres::PgListener, StoreError> {
+    let options =
+        sqlx::postgres::PgConnectOptions::from_str(url)?.application_name(application_name);
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_with(options)
+        .await?;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+    listener.listen(CHANGE_CHANNEL).await?;
+    Ok(listener)
+}
+
 impl PostgresStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
@@ -472,9 +593,17 @@ impl PostgresStore {
     }
 }
 
-sql_store!(SqliteStore, SqlitePool, SQLITE, SQLITE_MIGRATIONS, "sqlite");
+sql_store!(
+    SqliteStore,
+    sqlx::Sqlite,
+    SqlitePool,
+    SQLITE,
+    SQLITE_MIGRATIONS,
+    "sqlite"
+);
 sql_store!(
     PostgresStore,
+    sqlx::Postgres,
     PgPool,
     POSTGRES,
     POSTGRES_MIGRATIONS,

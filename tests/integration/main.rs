@@ -2,8 +2,10 @@
 //! files and a real PostgreSQL, and a real JWT library from another language.
 
 mod api;
+mod cluster;
 mod enrich;
 mod interop;
+mod nodes;
 mod risk;
 mod store;
 mod support;

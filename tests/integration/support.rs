@@ -60,7 +60,7 @@ fn pg_admin_url() -> String {
 }
 
 /// A fresh database, or `None` (with a loud message) when PostgreSQL is not reachable
-/// and not required. CI sets `TOKENWARDEN_REQUIRE_PG=1`, which turns the skip into a failure.
+/// and not required. CI sets `TOKENWARDEN_TEST_REQUIRE_PG=1`, which turns the skip into a failure.
 pub async fn database(backend: Backend) -> Option<TestDb> {
     match backend {
         Backend::Sqlite => {
@@ -75,17 +75,17 @@ pub async fn database(backend: Backend) -> Option<TestDb> {
         Backend::Postgres => {
             use sqlx::Connection;
             let admin_url = pg_admin_url();
-            let required = std::env::var_os("TOKENWARDEN_REQUIRE_PG").is_some();
+            let required = std::env::var_os("TOKENWARDEN_TEST_REQUIRE_PG").is_some();
             let mut conn = match sqlx::PgConnection::connect(&admin_url).await {
                 Ok(c) => c,
                 Err(e) if required => {
                     panic!(
-                        "PostgreSQL is required (TOKENWARDEN_REQUIRE_PG) but {admin_url} is unreachable: {e}"
+                        "PostgreSQL is required (TOKENWARDEN_TEST_REQUIRE_PG) but {admin_url} is unreachable: {e}"
                     )
                 }
                 Err(e) => {
                     eprintln!(
-                        "\n*** SKIPPED: PostgreSQL test; {admin_url} is unreachable ({e}).\n*** Set TOKENWARDEN_TEST_PG_URL, or TOKENWARDEN_REQUIRE_PG=1 to make this a failure.\n"
+                        "\n*** SKIPPED: PostgreSQL test; {admin_url} is unreachable ({e}).\n*** Set TOKENWARDEN_TEST_PG_URL, or TOKENWARDEN_TEST_REQUIRE_PG=1 to make this a failure.\n"
                     );
                     return None;
                 }
