@@ -11,9 +11,10 @@ use dashmap::DashMap;
 
 use crate::clock::SharedClock;
 use crate::enrich::{ClientInfo, Enricher};
+use crate::risk::Observation;
 use crate::risk::state::{SessionState, UserState, assess};
 use crate::risk::{Evaluation, RateLimiters, RequestContext, RequestKind, RuleError, RuleSet};
-use crate::store::{STATE_STEP_UP, SessionRecord};
+use crate::store::{LastSeen, STATE_STEP_UP, SessionRecord};
 
 /// The rule set used when no rule file is configured.
 pub const DEFAULT_RULES: &str = include_str!("../rules/default.toml");
@@ -60,6 +61,8 @@ pub struct Monitor {
     limiters: RateLimiters,
     sessions: DashMap<String, SessionState>,
     users: DashMap<String, UserState>,
+    /// Sessions whose last observation changed since the last write-behind.
+    dirty: DashMap<String, ()>,
     clock: SharedClock,
 }
 
@@ -82,6 +85,7 @@ impl Monitor {
             limiters: RateLimiters::new(clock.clone(), RATE_KEYS_MAX),
             sessions: DashMap::new(),
             users: DashMap::new(),
+            dirty: DashMap::new(),
             clock,
         })
     }
@@ -192,6 +196,14 @@ impl Monitor {
             }
             None => SessionState::new(&session.subject, None),
         };
+        if let Some(last) = session
+            .last_seen_info
+            .as_deref()
+            .and_then(|l| serde_json::from_str::<Observation>(l).ok())
+            .filter(|l| state.recent.back().is_none_or(|b| l.at_ms > b.at_ms))
+        {
+            state.recent.push_back(last);
+        }
         state.risk = session.risk;
         state.risk_at_ms = session.risk_at;
         state.step_up = session.state == STATE_STEP_UP;
@@ -265,11 +277,31 @@ impl Monitor {
         let mut user = self.users.entry(subject.to_owned()).or_default();
         let flagged_before = session.step_up;
         let evaluation = assess(&rules, &self.limiters, &ctx, &mut session, &mut user);
+        self.dirty.insert(session_id.to_owned(), ());
         Some(Assessment {
             newly_stepped_up: session.step_up && !flagged_before,
             evaluation,
             client,
         })
+    }
+
+    /// The last observations changed since the previous call, for the write-behind.
+    pub fn take_dirty(&self) -> Vec<LastSeen> {
+        let ids: Vec<String> = self.dirty.iter().map(|e| e.key().clone()).collect();
+        ids.into_iter()
+            .filter_map(|id| {
+                self.dirty.remove(&id);
+                let s = self.sessions.get(&id)?;
+                let last = s.recent.back()?;
+                Some(LastSeen {
+                    at: last.at_ms.div_euclid(1000),
+                    observation: serde_json::to_string(last).ok()?,
+                    risk: s.risk,
+                    risk_at_ms: s.risk_at_ms,
+                    session_id: id,
+                })
+            })
+            .collect()
     }
 
     /// Drops idle rate-limiter keys; call periodically.

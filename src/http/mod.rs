@@ -214,6 +214,7 @@ impl Application {
             let _ = rx.wait_for(|stopped| *stopped).await;
         };
         let sessions = self.state.sessions.clone();
+        let self_sessions = self.state.sessions.clone();
         let retention = i64::try_from(self.change_retention.as_secs()).unwrap_or(i64::MAX);
         let follower = self
             .state
@@ -240,6 +241,17 @@ impl Application {
             }
         });
         let reloader = reload::spawn(self.state.sessions.monitor().clone());
+        // Write-behind of last-seen observations: off the request path, about once a second.
+        let writer = {
+            let sessions = self.state.sessions.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    flush_last_seen(&sessions).await;
+                }
+            })
+        };
         let public = axum::serve(
             self.public,
             app(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
@@ -257,12 +269,21 @@ impl Application {
         let (p, a) = tokio::join!(public, admin);
         pruner.abort();
         reloader.abort();
+        writer.abort();
+        flush_last_seen(&self_sessions).await;
         if let Some(f) = follower {
             f.abort();
         }
         p??;
         a??;
         Ok(())
+    }
+}
+
+async fn flush_last_seen(sessions: &SessionService) {
+    let batch = sessions.monitor().take_dirty();
+    if let Err(e) = sessions.store().save_last_seen(&batch).await {
+        tracing::warn!(error = %e, sessions = batch.len(), "cannot save last-seen observations");
     }
 }
 

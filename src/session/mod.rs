@@ -274,6 +274,7 @@ impl SessionService {
             binding_info: serde_json::to_string(&info).ok(),
             risk: 0.0,
             risk_at: self.clock.now_millis(),
+            last_seen_info: None,
         };
         let (refresh, record) = self.new_refresh(now)?;
         let access = self.mint_for(&session, now, exp)?;

@@ -73,6 +73,18 @@ pub struct SessionRecord {
     pub risk: f64,
     /// Milliseconds since the epoch.
     pub risk_at: i64,
+    /// The last request's observation as JSON (`risk::Observation`), written behind.
+    pub last_seen_info: Option<String>,
+}
+
+/// What the risk engine remembers of a session's last request, to persist.
+#[derive(Debug, Clone)]
+pub struct LastSeen {
+    pub session_id: String,
+    pub at: UnixSeconds,
+    pub observation: String,
+    pub risk: f64,
+    pub risk_at_ms: i64,
 }
 
 impl SessionRecord {
@@ -248,6 +260,8 @@ pub trait Store: Send + Sync + 'static {
         risk_at_ms: i64,
     ) -> Result<(), StoreError>;
 
+    /// Writes the sessions' last observations and risk (write-behind, one transaction).
+    async fn save_last_seen(&self, batch: &[LastSeen]) -> Result<(), StoreError>;
     /// The newest change's sequence number (0 when there is none).
     async fn head_change(&self) -> Result<i64, StoreError>;
     /// Changes after `after`, in order, at most `limit`.
@@ -300,6 +314,7 @@ mod tests {
             binding_info: None,
             risk: 0.0,
             risk_at: 0,
+            last_seen_info: None,
         }
     }
 

@@ -13,7 +13,7 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    NewRefresh, ReauthRequest, RefreshRecord, RevokedJti, RotateAction, RotateOutcome,
+    LastSeen, NewRefresh, ReauthRequest, RefreshRecord, RevokedJti, RotateAction, RotateOutcome,
     RotateRequest, SessionRecord, Store, StoreError, classify_refresh,
 };
 use crate::clock::UnixSeconds;
@@ -81,6 +81,8 @@ const RETIRE_USER_REFRESH: &str = "UPDATE refresh_tokens SET retired_at = $2, re
 const INSERT_REVOKED_JTI: &str = "INSERT INTO revoked_jti (jti, session_id, subject, exp, revoked_at, reason) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (jti) DO NOTHING";
 const INSERT_CHANGE: &str = "INSERT INTO changes (seq, change, created_at) \
      SELECT COALESCE(MAX(seq), 0) + 1, $1, $2 FROM changes RETURNING seq";
+const SAVE_LAST_SEEN: &str = "UPDATE sessions SET last_seen_at = $2, last_seen_info = $3, risk = $4, risk_at = $5 \
+     WHERE session_id = $1 AND last_seen_at <= $2";
 const HEAD_CHANGE: &str = "SELECT COALESCE(MAX(seq), 0) FROM changes";
 const CHANGES_SINCE: &str = "SELECT seq, change FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2";
 const PRUNE_CHANGES: &str =
@@ -449,6 +451,25 @@ macro_rules! sql_store {
                         session_id: session_id.to_owned(),
                     };
                     Self::record(&mut tx, &change, risk_at_ms / 1000).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn save_last_seen(&self, batch: &[LastSeen]) -> Result<(), StoreError> {
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.pool.begin_with($dialect.begin_write).await?;
+                for l in batch {
+                    sqlx::query(SAVE_LAST_SEEN)
+                        .bind(&l.session_id)
+                        .bind(l.at)
+                        .bind(&l.observation)
+                        .bind(l.risk)
+                        .bind(l.risk_at_ms)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 tx.commit().await?;
                 Ok(())

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::nodes::{Node, spawn};
+use crate::nodes::{Node, spawn, spawn_with_lag};
 use crate::support::{APP_KEY, Backend, Keys, USER_AGENT, database, s};
 
 async fn cluster(n: usize) -> Option<(crate::support::TestDb, tempfile::TempDir, Keys, Vec<Node>)> {
@@ -16,7 +16,7 @@ async fn cluster(n: usize) -> Option<(crate::support::TestDb, tempfile::TempDir,
     // Migrate once, so the nodes start together without racing on an empty database.
     let store = tokenwarden::store::connect(&db.url).await.unwrap();
     store.migrate().await.unwrap();
-    let nodes = ["node-a", "node-b", "node-c"][..n]
+    let nodes = ["node-a", "node-b", "node-c"][..n.min(3)]
         .iter()
         .map(|name| spawn(&db.url, dir.path(), &keys, name))
         .collect();
@@ -180,4 +180,69 @@ async fn killing_a_node_mid_load_loses_no_acknowledged_revocation() {
         "allow"
     );
     drop(nodes.remove(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_read_the_feed_stops_allowing_and_says_why() {
+    let Some((db, dir, keys, _nodes)) = cluster(0).await else {
+        return;
+    };
+    let node = spawn_with_lag(&db.url, dir.path(), &keys, "node-cut", "200ms", "1s");
+    let opened = node.open("frank").await;
+    let token = s(&opened, "access_token");
+    assert_eq!(node.decision(&token).await, "allow");
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("ALTER TABLE changes RENAME TO changes_unreachable")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let verify = || async {
+        node.post(
+            "/v1/verify",
+            json!({"token": token, "request": {"ip": "203.0.113.7", "user_agent": USER_AGENT}}),
+        )
+        .await
+    };
+    let start = Instant::now();
+    let refused = loop {
+        let r = verify().await;
+        if r.status() == 503 {
+            break r.json::<Value>().await.unwrap();
+        }
+        assert_eq!(r.status(), 200);
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never failed closed"
+        );
+        tokio::task::yield_now().await;
+    };
+    assert!(
+        refused["detail"].as_str().unwrap().contains("change feed"),
+        "{refused}"
+    );
+    let ready = node
+        .http
+        .get(format!("{}/readyz", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    sqlx::query("ALTER TABLE changes_unreachable RENAME TO changes")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    // Answers again (the tight polling above may have earned a rate-limit "deny").
+    while verify().await.status() != 200 {
+        assert!(start.elapsed() < Duration::from_secs(10), "never recovered");
+        tokio::task::yield_now().await;
+    }
+    let ready = node
+        .http
+        .get(format!("{}/readyz", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
 }

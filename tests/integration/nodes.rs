@@ -23,10 +23,10 @@ impl Drop for Node {
     }
 }
 
-fn config(dir: &Path, keys: &Keys, name: &str) -> std::path::PathBuf {
+fn config(dir: &Path, keys: &Keys, name: &str, poll: &str, max_lag: &str) -> std::path::PathBuf {
     let path = dir.join(format!("{name}.toml"));
     let mut text = format!(
-        "data_dir = \"{}\"\n[tokens]\nsigning_kid = \"hs-1\"\n[cluster]\nenabled = true\npoll_interval = \"1s\"\nmax_lag = \"30s\"\nnode_name = \"{name}\"\n",
+        "data_dir = \"{}\"\n[tokens]\nsigning_kid = \"hs-1\"\n[cluster]\nenabled = true\npoll_interval = \"{poll}\"\nmax_lag = \"{max_lag}\"\nnode_name = \"{name}\"\n",
         dir.join(name).display()
     );
     for k in &keys.entries {
@@ -42,9 +42,21 @@ fn config(dir: &Path, keys: &Keys, name: &str) -> std::path::PathBuf {
 }
 
 pub fn spawn(db_url: &str, dir: &Path, keys: &Keys, name: &str) -> Node {
+    spawn_with_lag(db_url, dir, keys, name, "1s", "30s")
+}
+
+/// A node with its own feed poll interval and staleness bound.
+pub fn spawn_with_lag(
+    db_url: &str,
+    dir: &Path,
+    keys: &Keys,
+    name: &str,
+    poll: &str,
+    max_lag: &str,
+) -> Node {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
         .arg("--config")
-        .arg(config(dir, keys, name))
+        .arg(config(dir, keys, name, poll, max_lag))
         .arg("serve")
         .env("TOKENWARDEN_DATABASE_URL", db_url)
         .env("TOKENWARDEN_LISTEN", "127.0.0.1:0")

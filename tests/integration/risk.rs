@@ -129,6 +129,14 @@ async fn step_up_survives_a_restart_and_reauth_clears_it() {
     let data = tempfile::tempdir().unwrap();
     let mut config = settings(&db.url, &keys, "ed-1", data.path());
     config.geoip_city = Some(repo("tests/data/geoip/GeoIP2-City-Test.mmdb"));
+    // Only the flag can step this session up: one rule, and no threshold to accumulate to.
+    let rules = data.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[thresholds]\nstep_up = 40\n[[rule]]\nid = \"country_changed\"\npoints = 50\nip_binding = { tier = \"country\" }\n",
+    )
+    .unwrap();
+    config.rules = Some(rules);
     let app = TestApp::spawn(config).await;
     let opened = open_from(&app, "alice", "81.2.69.142").await;
     let token = s(&opened, "access_token");

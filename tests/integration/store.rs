@@ -42,6 +42,7 @@ fn session(id: &str, subject: &str, created_at: i64, generation: i64) -> Session
         binding_info: Some("{}".into()),
         risk: 0.0,
         risk_at: created_at * 1000,
+        last_seen_info: None,
     }
 }
 
@@ -90,7 +91,84 @@ conformance!(
     logout_everywhere_bumps_the_generation_and_kills_older_sessions,
     revocation_snapshot_holds_exactly_what_can_still_matter,
     concurrent_presentations_of_one_token_rotate_it_exactly_once,
+    last_seen_is_written_behind_and_never_goes_backwards,
+    every_revocation_is_numbered_in_the_change_feed,
 );
+
+async fn last_seen_is_written_behind_and_never_goes_backwards(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    store
+        .create_session(&session("s", "alice", T0, 0), &refresh("h0", T0))
+        .await
+        .unwrap();
+    let seen = |at: i64, obs: &str| tokenwarden::store::LastSeen {
+        session_id: "s".into(),
+        at,
+        observation: obs.into(),
+        risk: 12.5,
+        risk_at_ms: at * 1000,
+    };
+    store
+        .save_last_seen(&[seen(T0 + 10, "later")])
+        .await
+        .unwrap();
+    store
+        .save_last_seen(&[seen(T0 + 5, "earlier")])
+        .await
+        .unwrap();
+    let s = store.session("s").await.unwrap().unwrap();
+    assert_eq!(
+        (s.last_seen_info.as_deref(), s.last_seen_at, s.risk),
+        (Some("later"), T0 + 10, 12.5)
+    );
+}
+
+async fn every_revocation_is_numbered_in_the_change_feed(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    assert_eq!(store.head_change().await.unwrap(), 0);
+    store
+        .create_session(&session("s1", "alice", T0, 0), &refresh("h1", T0))
+        .await
+        .unwrap();
+    store
+        .create_session(&session("s2", "bob", T0, 0), &refresh("h2", T0))
+        .await
+        .unwrap();
+    store.revoke_session("s1", "logout", T0 + 1).await.unwrap();
+    store.revoke_session("s1", "logout", T0 + 2).await.unwrap(); // idempotent: no second change
+    store.revoke_user("bob", T0 + 3, T0 + 303).await.unwrap();
+    store
+        .set_step_up("s2", 50.0, (T0 + 4) * 1000)
+        .await
+        .unwrap(); // revoked: nothing to flag
+    let changes = store.changes_since(0, 100).await.unwrap();
+    let seqs: Vec<i64> = changes.iter().map(|c| c.0).collect();
+    assert_eq!(seqs, [1, 2], "gapless, in commit order");
+    assert_eq!(
+        changes[0].1,
+        Change::SessionRevoked {
+            session_id: "s1".into(),
+            until: T0 + 300
+        }
+    );
+    assert_eq!(
+        changes[1].1,
+        Change::UserGeneration {
+            subject: "bob".into(),
+            generation: 1,
+            until: T0 + 303
+        }
+    );
+    assert_eq!(store.changes_since(1, 100).await.unwrap().len(), 1);
+    assert_eq!(store.head_change().await.unwrap(), 2);
+    // Pruning keeps the newest change, so the head never goes back.
+    assert_eq!(store.prune_changes(T0 + 100).await.unwrap(), 1);
+    assert_eq!(store.head_change().await.unwrap(), 2);
+}
 
 async fn sessions_round_trip_and_list_newest_first(backend: Backend) {
     let Some((_db, store)) = open_store(backend).await else {
