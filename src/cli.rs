@@ -42,6 +42,30 @@ enum Command {
     /// Rule files: validate them and run their test cases.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Audit events.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Write recorded events as NDJSON (the replay format) to standard output, oldest first.
+    Export {
+        /// Only events at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        /// Only this session's events.
+        #[arg(long)]
+        session: Option<String>,
+        /// Only events with this decision (allow, deny, step_up, revoke, revoke_user, invalid).
+        #[arg(long)]
+        decision: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +212,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             anyhow::ensure!(failed == 0, "{failed} case files failed");
             Ok(())
+        }
+        Command::Events(EventsCommand::Export {
+            since,
+            until,
+            subject,
+            session,
+            decision,
+        }) => {
+            let settings = load_settings(cli.config.as_deref())?;
+            let ms = |name: &str, v: Option<String>| -> anyhow::Result<Option<i64>> {
+                v.map(|v| {
+                    let t = time::OffsetDateTime::parse(
+                        &v,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .with_context(|| format!("--{name}: {v:?} is not an RFC 3339 time"))?;
+                    Ok(i64::try_from(t.unix_timestamp_nanos() / 1_000_000)?)
+                })
+                .transpose()
+            };
+            let mut filter = crate::store::EventFilter {
+                since_ms: ms("since", since)?,
+                until_ms: ms("until", until)?,
+                subject,
+                session_id: session,
+                decision,
+                after: (i64::MIN, 0),
+                limit: 10_000,
+            };
+            runtime()?.block_on(async {
+                use std::io::Write;
+                let store = crate::store::connect(&settings.database_url).await?;
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::new(stdout.lock());
+                loop {
+                    let page = store.events(&filter).await?;
+                    let Some((ts, id, _)) = page.last() else {
+                        break;
+                    };
+                    filter.after = (*ts, *id);
+                    for (_, _, line) in &page {
+                        writeln!(out, "{line}")?;
+                    }
+                }
+                out.flush()?;
+                anyhow::Ok(())
+            })
         }
         Command::Keys(KeysCommand::Generate { alg, out }) => {
             let key = generate(alg)?;

@@ -93,6 +93,24 @@ pub struct FileConfig {
     /// Several nodes on one PostgreSQL.
     #[serde(default)]
     pub cluster: ClusterSection,
+    /// Audit events.
+    #[serde(default)]
+    pub events: EventsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSection {
+    /// Events waiting to be written; beyond this they are dropped and counted. Default 10000.
+    pub queue: Option<usize>,
+    /// How long events are kept. Default `30d`.
+    pub retention: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventsSettings {
+    pub queue: usize,
+    pub retention: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -231,6 +249,7 @@ pub struct Settings {
     /// Empty means: a generated EdDSA key in `data_dir`.
     pub keys: Vec<KeyEntry>,
     pub cluster: ClusterSettings,
+    pub events: EventsSettings,
 }
 
 /// The environment variables we read, each overriding the file key of the same meaning.
@@ -440,6 +459,17 @@ impl Settings {
                 "SQLite is single-node: several nodes need a shared PostgreSQL (database_url = \"postgres://…\")",
             ));
         }
+        let events = EventsSettings {
+            queue: file.events.queue.unwrap_or(10_000),
+            retention: parse_duration(
+                "events.retention",
+                file.events.retention,
+                Duration::from_secs(30 * 24 * 3600),
+            )?,
+        };
+        if events.queue == 0 || events.queue > 10_000_000 {
+            return Err(invalid("events.queue", "must be between 1 and 10000000"));
+        }
         let tokens = resolve_tokens(file.tokens)?;
         let mut kids = std::collections::HashSet::new();
         for key in &file.keys {
@@ -477,6 +507,7 @@ impl Settings {
             tokens,
             keys: file.keys,
             cluster,
+            events,
         })
     }
 }

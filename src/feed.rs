@@ -135,6 +135,11 @@ impl Feed {
                 continue;
             }
             for (seq, change) in batch {
+                // Any hole (pruning by writer clocks is not monotone in seq) means the
+                // history is incomplete: stop and let the next round resync.
+                if seq != self.last_applied.load(Ordering::SeqCst) + 1 {
+                    break;
+                }
                 sessions.apply_remote(change);
                 self.last_applied.store(seq, Ordering::SeqCst);
                 applied += 1;

@@ -11,6 +11,8 @@ pub mod clock;
 pub mod config;
 /// Request enrichment: GeoIP location and ASN, network prefix, user-agent fingerprint.
 pub mod enrich;
+/// Audit events: one per decision, queued and written in batches off the request path.
+pub mod events;
 /// The change feed that keeps several nodes' in-memory views in step (PostgreSQL).
 pub mod feed;
 /// The HTTP layer: routers, extractors, the error type and the application runner.

@@ -216,6 +216,21 @@ impl Monitor {
         self.users.contains_key(subject)
     }
 
+    /// A step-up that could not be made durable is not kept in memory either, so the
+    /// next request tries again.
+    pub fn clear_step_up(&self, session_id: &str) {
+        if let Some(mut s) = self.sessions.get_mut(session_id) {
+            s.step_up = false;
+        }
+    }
+
+    /// Marks sessions whose last observation still has to be written.
+    pub fn mark_dirty(&self, ids: impl IntoIterator<Item = String>) {
+        for id in ids {
+            self.dirty.insert(id, ());
+        }
+    }
+
     pub fn forget(&self, session_id: &str) {
         self.sessions.remove(session_id);
     }
@@ -242,10 +257,17 @@ impl Monitor {
     ) -> Option<Assessment> {
         let (jti, session_id, subject) = ids;
         let rules = self.rules.load();
+        // Enrichment (GeoIP, user-agent regexes on a cache miss) runs before any lock.
+        let enriched = request
+            .ip
+            .map(|ip| self.enrich(ip, request.user_agent.as_deref().unwrap_or("")));
+        let fingerprint = request
+            .user_agent
+            .as_deref()
+            .map(|ua| self.enricher.ua_fingerprint(ua));
         let mut session = self.sessions.get_mut(session_id)?;
-        let client = match (request.ip, &session.binding) {
-            (Some(ip), bound) => {
-                let mut c = self.enrich(ip, request.user_agent.as_deref().unwrap_or(""));
+        let client = match (enriched, &session.binding) {
+            (Some(mut c), bound) => {
                 // No User-Agent given is not a different browser: keep the bound one.
                 if request.user_agent.is_none()
                     && let Some(b) = bound
@@ -254,8 +276,15 @@ impl Monitor {
                 }
                 c
             }
-            // Without the request's IP, the binding stands in: IP rules cannot fire.
-            (None, Some(bound)) => bound.clone(),
+            // Without the request's IP, the binding stands in for the network: IP rules
+            // cannot fire; a given User-Agent still counts.
+            (None, Some(bound)) => {
+                let mut c = bound.clone();
+                if let Some(ua) = fingerprint {
+                    c.ua = ua;
+                }
+                c
+            }
             (None, None) => return None,
         };
         let ctx = RequestContext {

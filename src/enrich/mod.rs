@@ -105,6 +105,11 @@ impl Enricher {
         }
     }
 
+    /// The user-agent fingerprint alone (cached).
+    pub fn ua_fingerprint(&self, user_agent: &str) -> UaFingerprint {
+        self.ua.fingerprint(user_agent)
+    }
+
     pub fn geoip(&self) -> &GeoIp {
         &self.geoip
     }

@@ -2,20 +2,29 @@
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Request, State};
+use std::convert::Infallible;
+
+use axum::extract::{Query, Request, State};
+use axum::http::header;
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use tokio::sync::broadcast;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::bearer;
+use crate::store::EventFilter;
 
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/admin/status", get(status))
+        .route("/admin/events", get(events))
+        .route("/admin/events/stream", get(stream))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
@@ -39,5 +48,95 @@ async fn status(State(state): State<AppState>) -> Json<serde_json::Value> {
         "database": state.sessions.store().backend(),
         "signing_kid": state.sessions.codec().keys().signing_kid(),
         "revocations_in_memory": state.sessions.view().len(),
+        "events": state.sessions.event_sink().map(|e| json!({
+            "queued": e.depth(),
+            "written": e.written(),
+            "dropped": e.dropped(),
+            "dropped_queue_full": e.dropped_queue_full(),
+        })),
     }))
+}
+
+/// Filters of `GET /admin/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventQuery {
+    since: Option<String>,
+    until: Option<String>,
+    session_id: Option<String>,
+    subject: Option<String>,
+    decision: Option<String>,
+    limit: Option<i64>,
+}
+
+const MAX_EVENTS: i64 = 100_000;
+
+fn millis(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
+    value
+        .map(|v| {
+            time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                .ok()
+                .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!("{name}: {v:?} is not an RFC 3339 time"))
+                })
+        })
+        .transpose()
+}
+
+/// NDJSON in the replay format, oldest first.
+async fn events(
+    State(state): State<AppState>,
+    Query(q): Query<EventQuery>,
+) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(10_000);
+    if !(1..=MAX_EVENTS).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit: must be 1 to {MAX_EVENTS}"
+        )));
+    }
+    let filter = EventFilter {
+        since_ms: millis("since", q.since.as_deref())?,
+        until_ms: millis("until", q.until.as_deref())?,
+        subject: q.subject,
+        session_id: q.session_id,
+        decision: q.decision,
+        after: (i64::MIN, 0),
+        limit,
+    };
+    let rows = state
+        .sessions
+        .store()
+        .events(&filter)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut body = String::with_capacity(rows.iter().map(|r| r.2.len() + 1).sum());
+    for (_, _, line) in rows {
+        body.push_str(&line);
+        body.push('\n');
+    }
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+/// Server-sent events: every event as it is recorded (one JSON line per `data:`).
+async fn stream(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let sink = state
+        .sessions
+        .event_sink()
+        .ok_or(ApiError::NotFound("events are not recorded"))?;
+    let rx = sink.subscribe();
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = match rx.recv().await {
+            Ok(line) => SseEvent::default().data(line.as_str()),
+            // A slow reader misses events; tell it how many instead of stalling writers.
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                SseEvent::default().event("lagged").data(n.to_string())
+            }
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok::<_, Infallible>(event), rx))
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }

@@ -28,6 +28,8 @@ pub enum ApiError {
         detail: String,
     },
     NotFound(&'static str),
+    /// The caller may not use this endpoint (e.g. not a trusted proxy).
+    Forbidden(String),
     /// Over a rate rule: try again after `retry_after` seconds.
     TooManyRequests {
         retry_after: u64,
@@ -63,16 +65,23 @@ fn problem_response(status: StatusCode, body: serde_json::Value) -> Response {
     response
 }
 
-/// `Bearer error="…", error_description="…"` with quotes and control characters removed.
-pub fn bearer_challenge(error: &str, description: &str) -> HeaderValue {
+/// `Bearer error="…", error_description="…"` plus any extra parameters. The
+/// description keeps printable ASCII only (RFC 6750 §3), so a message such as
+/// "São Paulo" can never make the header invalid and lose the challenge.
+pub fn bearer_challenge_with(error: &str, description: &str, extra: &str) -> HeaderValue {
     let clean: String = description
         .chars()
-        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+        .map(|c| if c == '’' { '\'' } else { c })
+        .filter(|c| (' '..='~').contains(c) && *c != '"' && *c != '\\')
         .collect();
     HeaderValue::from_str(&format!(
-        "Bearer realm=\"tokenwarden\", error=\"{error}\", error_description=\"{clean}\""
+        "Bearer realm=\"tokenwarden\", error=\"{error}\", error_description=\"{clean}\"{extra}"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"tokenwarden\""))
+}
+
+pub fn bearer_challenge(error: &str, description: &str) -> HeaderValue {
+    bearer_challenge_with(error, description, "")
 }
 
 impl IntoResponse for ApiError {
@@ -144,6 +153,10 @@ impl IntoResponse for ApiError {
                     .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
                 r
             }
+            Self::Forbidden(why) => problem_response(
+                StatusCode::FORBIDDEN,
+                problem(StatusCode::FORBIDDEN, "forbidden", "Forbidden", &why),
+            ),
             Self::NotFound(what) => problem_response(
                 StatusCode::NOT_FOUND,
                 problem(StatusCode::NOT_FOUND, "not_found", "Not found", what),
@@ -225,9 +238,34 @@ impl From<SessionError> for ApiError {
                 detail: ev.user_message.unwrap_or(message),
             },
             SessionError::Unavailable(why) => Self::Unavailable(why),
+            SessionError::MissingClientIp => Self::BadRequest(message),
             SessionError::Token(TokenError::Signing) => Self::Internal(e.to_string()),
             SessionError::Token(t) => t.into(),
             SessionError::Store(s) => Self::Internal(s.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_stay_valid_ascii_whatever_the_message() {
+        let h = bearer_challenge_with(
+            "insufficient_user_authentication",
+            "Activity from São Paulo, BR \"now\". Please confirm it’s you.",
+            ", max_age=0",
+        );
+        let text = h.to_str().unwrap();
+        assert!(
+            text.contains("error=\"insufficient_user_authentication\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("Please confirm it's you.\", max_age=0"),
+            "{text}"
+        );
+        assert!(text.contains("So Paulo"), "{text}");
     }
 }

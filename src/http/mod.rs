@@ -29,6 +29,7 @@ pub use verify::{Decision, decide};
 use crate::clock::SharedClock;
 use crate::config::{AppCredential, Secret, Settings, sha256, to_hex};
 use crate::enrich::{EnrichConfig, Enricher, UaParser};
+use crate::events::EventSink;
 use crate::feed::{Feed, FeedSettings};
 use crate::monitor::Monitor;
 use crate::session::SessionService;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub sessions: Arc<SessionService>,
     /// The change feed this node follows (PostgreSQL only).
     pub feed: Option<Arc<Feed>>,
+    /// Peers whose forwarding headers are believed; when set, the only forward-auth callers.
+    pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
     pub apps: Arc<Vec<AppCredential>>,
     pub admin_token: Option<Arc<Secret>>,
 }
@@ -79,6 +82,8 @@ pub struct Application {
     state: AppState,
     database_url: String,
     change_retention: Duration,
+    event_rx: Option<tokio::sync::mpsc::Receiver<crate::events::Event>>,
+    event_retention: Duration,
 }
 
 impl Application {
@@ -171,8 +176,11 @@ impl Application {
             let feed = feed.clone();
             sessions.set_freshness_guard(Arc::new(move || feed.stale_reason()));
         }
+        let (event_sink, event_rx) = EventSink::new(settings.events.queue);
+        sessions.set_event_sink(event_sink);
         let state = AppState {
             feed,
+            trusted_proxies: Arc::new(settings.trusted_proxies.clone()),
             sessions: Arc::new(sessions),
             apps: Arc::new(apps),
             admin_token: settings.admin_token.clone().map(Arc::new),
@@ -189,6 +197,8 @@ impl Application {
             state,
             database_url: settings.database_url.clone(),
             change_retention: settings.cluster.change_retention,
+            event_rx: Some(event_rx),
+            event_retention: settings.events.retention,
         })
     }
 
@@ -206,13 +216,22 @@ impl Application {
 
     /// Serves both listeners until `shutdown` resolves, then drains in-flight requests.
     pub async fn run_until_stopped(
-        self,
+        mut self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stopped| *stopped).await;
         };
+        let event_writer = match (self.event_rx.take(), self.state.sessions.event_sink()) {
+            (Some(rx), Some(sink)) => Some(tokio::spawn(
+                sink.clone()
+                    .run_writer(rx, self.state.sessions.store().clone()),
+            )),
+            _ => None,
+        };
+        let event_retention_ms =
+            i64::try_from(self.event_retention.as_millis()).unwrap_or(i64::MAX);
         let sessions = self.state.sessions.clone();
         let self_sessions = self.state.sessions.clone();
         let retention = i64::try_from(self.change_retention.as_secs()).unwrap_or(i64::MAX);
@@ -230,6 +249,13 @@ impl Application {
                 let cutoff = sessions.now().saturating_sub(retention);
                 if let Err(e) = sessions.store().prune_changes(cutoff).await {
                     tracing::warn!(error = %e, "cannot prune the change feed");
+                }
+                let events_cutoff = sessions
+                    .now()
+                    .saturating_mul(1000)
+                    .saturating_sub(event_retention_ms);
+                if let Err(e) = sessions.store().prune_events(events_cutoff).await {
+                    tracing::warn!(error = %e, "cannot prune audit events");
                 }
                 match sessions.monitor().enricher().geoip().reload() {
                     Ok(true) => tracing::info!("GeoIP databases reloaded"),
@@ -271,6 +297,14 @@ impl Application {
         reloader.abort();
         writer.abort();
         flush_last_seen(&self_sessions).await;
+        // Let the event writer drain what is queued (bounded), then stop it.
+        if let (Some(task), Some(sink)) = (event_writer, self_sessions.event_sink()) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            while !sink.settled() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            task.abort();
+        }
         if let Some(f) = follower {
             f.abort();
         }
@@ -283,7 +317,10 @@ impl Application {
 async fn flush_last_seen(sessions: &SessionService) {
     let batch = sessions.monitor().take_dirty();
     if let Err(e) = sessions.store().save_last_seen(&batch).await {
-        tracing::warn!(error = %e, sessions = batch.len(), "cannot save last-seen observations");
+        tracing::warn!(error = %e, sessions = batch.len(), "cannot save last-seen observations; will retry");
+        sessions
+            .monitor()
+            .mark_dirty(batch.into_iter().map(|l| l.session_id));
     }
 }
 

@@ -11,6 +11,8 @@ use serde_json::json;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{App, JsonBody};
+use crate::enrich::ClientInfo;
+use crate::risk::{Observation, decayed_risk};
 use crate::session::input::{AuthContext, Client, ClientBody, Subject};
 use crate::store::SessionRecord;
 
@@ -120,15 +122,32 @@ fn rfc3339(t: i64) -> String {
         .unwrap_or_default()
 }
 
-fn session_view(s: &SessionRecord) -> serde_json::Value {
+fn session_view(s: &SessionRecord, now_ms: i64, half_life_secs: f64) -> serde_json::Value {
+    let binding: Option<ClientInfo> = s
+        .binding_info
+        .as_deref()
+        .and_then(|b| serde_json::from_str(b).ok());
+    let last: Option<Observation> = s
+        .last_seen_info
+        .as_deref()
+        .and_then(|l| serde_json::from_str(l).ok());
+    let seen = last.as_ref().map(|o| &o.client).or(binding.as_ref());
+    let location = seen.map(|c| {
+        json!({
+            "country": c.country,
+            "city": c.location.as_ref().and_then(|l| l.city.clone()),
+        })
+    });
     json!({
         "session_id": s.session_id,
         "created_at": rfc3339(s.created_at),
         "last_seen_at": rfc3339(s.last_seen_at),
         "ip": s.ip,
-        "location": null,
-        "device": s.user_agent,
-        "risk": 0.0,
+        "last_seen_ip": seen.map(|c| c.ip.to_string()),
+        "location": location,
+        "device": binding.as_ref().map_or_else(|| s.user_agent.clone(), |b| b.ua.key()),
+        "user_agent": s.user_agent,
+        "risk": decayed_risk(s.risk, s.risk_at, now_ms, half_life_secs),
         "state": s.state,
         "revoked_at": s.revoked_at.map(rfc3339),
         "revoked_reason": s.revoked_reason,
@@ -142,7 +161,9 @@ async fn list(
 ) -> Result<impl IntoResponse, ApiError> {
     let subject = Subject::parse(&subject)?;
     let sessions = state.sessions.list(&subject).await?;
+    let now_ms = state.sessions.now().saturating_mul(1000);
+    let half_life = state.sessions.monitor().rules().risk_half_life_secs;
     Ok(Json(json!({
-        "sessions": sessions.iter().map(session_view).collect::<Vec<_>>()
+        "sessions": sessions.iter().map(|s| session_view(s, now_ms, half_life)).collect::<Vec<_>>()
     })))
 }

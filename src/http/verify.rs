@@ -8,10 +8,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, post};
 use axum::{Json, Router};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::error::{ApiError, bearer_challenge};
+use super::error::{ApiError, bearer_challenge, bearer_challenge_with};
 use super::extract::{App, JsonBody, bearer};
 use crate::monitor::RequestInfo;
 use crate::risk::{Reason, ReasonMode};
@@ -195,10 +196,35 @@ fn header(headers: &HeaderMap, names: &[&str]) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The client's address: the peer itself, unless the peer is a trusted proxy; then
+/// the rightmost `X-Forwarded-For` address that is not a trusted proxy (or `X-Real-IP`).
+fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let chain: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map_while(|part| part.trim().parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+        .collect();
+    if let Some(ip) = chain.iter().rev().find(|ip| !is_trusted(ip)) {
+        return *ip;
+    }
+    header(headers, &["x-real-ip"])
+        .and_then(|v| v.trim().parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+        .or_else(|| chain.first().copied())
+        .unwrap_or(peer)
+}
+
 /// The protected request as the gateway describes it.
-fn forwarded_request(headers: &HeaderMap, peer: SocketAddr) -> RequestInfo {
+fn forwarded_request(headers: &HeaderMap, client: IpAddr) -> RequestInfo {
     RequestInfo {
-        ip: Some(peer.ip().to_canonical()),
+        ip: Some(client),
         user_agent: header(headers, &["user-agent"]),
         method: header(headers, &["x-original-method", "x-forwarded-method"]),
         path: header(headers, &["x-original-uri", "x-forwarded-uri"]),
@@ -209,14 +235,22 @@ fn forwarded_request(headers: &HeaderMap, peer: SocketAddr) -> RequestInfo {
     }
 }
 
+/// What the gateway may pass on to whoever holds the token: the decision, the user
+/// message and the rule ids. Never the details, which describe the victim's binding.
 fn problem(status: StatusCode, d: &Decision, challenge: Option<HeaderValue>) -> Response {
+    let rules: Vec<&str> = d
+        .reasons
+        .iter()
+        .filter(|r| r.mode == ReasonMode::Enforce)
+        .map(|r| r.rule.as_str())
+        .collect();
     let body = serde_json::json!({
         "type": format!("urn:tokenwarden:problem:{}", d.decision),
         "title": match d.decision { "step_up" => "Re-authentication required", "deny" => "Too many requests", _ => "Invalid token" },
         "status": status.as_u16(),
         "decision": d.decision,
         "user_message": d.user_message,
-        "reasons": d.reasons,
+        "rules": rules,
         "retry_after": d.retry_after,
     });
     let mut r = (status, Json(body)).into_response();
@@ -241,6 +275,15 @@ async fn forward_auth(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
+    let peer_ip = peer.ip().to_canonical();
+    if !state.trusted_proxies.is_empty()
+        && !state.trusted_proxies.iter().any(|n| n.contains(&peer_ip))
+    {
+        return ApiError::Forbidden(format!(
+            "{peer_ip} is not a trusted proxy (TOKENWARDEN_TRUSTED_PROXIES)"
+        ))
+        .into_response();
+    }
     let Some(token) = bearer(&headers) else {
         let mut r = (StatusCode::UNAUTHORIZED, "").into_response();
         r.headers_mut().insert(
@@ -249,9 +292,10 @@ async fn forward_auth(
         );
         return r;
     };
+    let client = client_ip(peer_ip, &headers, &state.trusted_proxies);
     let verdict = match state
         .sessions
-        .verify(token, &forwarded_request(&headers, peer))
+        .verify(token, &forwarded_request(&headers, client))
         .await
     {
         Ok(v) => v,
@@ -278,26 +322,52 @@ async fn forward_auth(
         // RFC 9470: the token is fine, the authentication event is not recent enough.
         "step_up" => {
             let description = d.user_message.clone().unwrap_or_default();
-            let challenge = bearer_challenge("insufficient_user_authentication", &description);
-            let challenge = HeaderValue::from_str(&format!(
-                "{}, max_age=0",
-                challenge.to_str().unwrap_or("Bearer")
-            ))
-            .unwrap_or(challenge);
+            let challenge = bearer_challenge_with(
+                "insufficient_user_authentication",
+                &description,
+                ", max_age=0",
+            );
             problem(StatusCode::UNAUTHORIZED, &d, Some(challenge))
         }
         "deny" => problem(StatusCode::TOO_MANY_REQUESTS, &d, None),
-        _ => {
-            let detail = d
-                .reasons
-                .first()
-                .map(|r| r.detail.clone())
-                .unwrap_or_default();
+        decision => {
+            let description = match decision {
+                "invalid" => "the token is not valid",
+                _ => "the token has been revoked",
+            };
             problem(
                 StatusCode::UNAUTHORIZED,
                 &d,
-                Some(bearer_challenge("invalid_token", &detail)),
+                Some(bearer_challenge("invalid_token", description)),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_headers_count_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.9, 198.51.100.7, 10.0.0.2"),
+        );
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let outsider: IpAddr = "192.0.2.1".parse().unwrap();
+        // The rightmost address a trusted proxy did not add: what the client spoofed on the left is ignored.
+        assert_eq!(client_ip(proxy, &h, &trusted).to_string(), "198.51.100.7");
+        assert_eq!(
+            client_ip(outsider, &h, &trusted),
+            outsider,
+            "an untrusted peer's headers are ignored"
+        );
+        assert_eq!(client_ip(proxy, &h, &[]), proxy);
+        let mut garbage = HeaderMap::new();
+        garbage.insert("x-forwarded-for", HeaderValue::from_static("not-an-ip"));
+        assert_eq!(client_ip(proxy, &garbage, &trusted), proxy);
     }
 }

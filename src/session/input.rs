@@ -65,6 +65,15 @@ pub struct Client {
 }
 
 impl Client {
+    /// The client as a request context (IP and user agent only).
+    pub fn request_info(&self) -> crate::monitor::RequestInfo {
+        crate::monitor::RequestInfo {
+            ip: Some(self.ip),
+            user_agent: Some(self.user_agent.clone()),
+            ..crate::monitor::RequestInfo::default()
+        }
+    }
+
     pub fn parse(body: &ClientBody) -> Result<Self, InputError> {
         let ip = body
             .ip

@@ -15,6 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::clock::{SharedClock, UnixSeconds};
 use crate::config::{TokenSettings, sha256, to_hex};
+use crate::events::{Event, EventKind, EventSink};
 use crate::monitor::{Assessment, Monitor, RequestInfo};
 use crate::revocation::{Change, RevocationView, RevokedBy, TokenIds};
 use crate::risk::{Decision, Evaluation, RequestKind};
@@ -48,6 +49,8 @@ pub enum SessionError {
     RiskRevoked(Box<Evaluation>),
     #[error("this node cannot vouch for revocations: {0}")]
     Unavailable(String),
+    #[error("request.ip is required: this session has no recorded binding to stand in for it")]
+    MissingClientIp,
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -129,6 +132,7 @@ pub struct SessionService {
     settings: TokenSettings,
     /// Says why this node must not answer `allow` (a stale change feed), if it must not.
     freshness: std::sync::OnceLock<Arc<dyn Fn() -> Option<String> + Send + Sync>>,
+    events: std::sync::OnceLock<Arc<EventSink>>,
 }
 
 impl SessionService {
@@ -153,6 +157,7 @@ impl SessionService {
             clock,
             settings,
             freshness: std::sync::OnceLock::new(),
+            events: std::sync::OnceLock::new(),
         })
     }
 
@@ -279,6 +284,13 @@ impl SessionService {
         let (refresh, record) = self.new_refresh(now)?;
         let access = self.mint_for(&session, now, exp)?;
         self.store.create_session(&session, &record).await?;
+        self.emit(
+            self.event(EventKind::SessionOpen)
+                .session(&session.session_id, &session.subject)
+                .request(&client.request_info())
+                .client(&info)
+                .decision("allow"),
+        );
         self.monitor
             .bind(&session.session_id, &session.subject, info);
         Ok(self.pair(&session, access, refresh))
@@ -293,16 +305,14 @@ impl SessionService {
     ) -> Result<TokenPair, SessionError> {
         let presented_hash = refresh_hash(refresh_token)
             .ok_or(SessionError::InvalidGrant(RefreshRejectionCode::Malformed))?;
-        let request_info = RequestInfo {
-            ip: Some(client.ip),
-            user_agent: Some(client.user_agent.clone()),
-            ..RequestInfo::default()
-        };
+        let request_info = client.request_info();
         // Score a current token before rotating it: a refused refresh must leave it usable
         // (a rotated token that never reached the client would look like theft later).
         let current = self.store.refresh_token(&presented_hash).await?;
-        let mut scored_session = None;
-        if let Some(record) = current.as_ref().filter(|r| r.retired_at.is_none())
+        // Also the immediate predecessor a grace-window retry presents: it gets a token too.
+        if let Some(record) = current
+            .as_ref()
+            .filter(|r| r.retired_at.is_none() || r.retired_reason.as_deref() == Some("rotated"))
             && let Some(session) = self.store.session(&record.session_id).await?
             && !session.is_revoked()
             && self
@@ -317,6 +327,13 @@ impl SessionService {
         {
             self.enforce(&a, &session.session_id, &session.subject)
                 .await?;
+            self.emit(
+                self.event(EventKind::Refresh)
+                    .session(&session.session_id, &session.subject)
+                    .request(&request_info)
+                    .client(&a.client)
+                    .evaluation(&a.evaluation),
+            );
             match a.evaluation.decision {
                 Decision::Allow => {}
                 Decision::Deny => return Err(SessionError::Denied(Box::new(a.evaluation))),
@@ -325,7 +342,6 @@ impl SessionService {
                 }
                 _ => return Err(SessionError::RiskRevoked(Box::new(a.evaluation))),
             }
-            scored_session = Some(session.session_id);
         }
 
         let now = self.clock.now();
@@ -344,7 +360,6 @@ impl SessionService {
         };
         match self.store.rotate_refresh(&request).await? {
             RotateOutcome::Rotated(session) => {
-                let _ = scored_session;
                 let access = self.mint_for(&session, now, exp)?;
                 Ok(self.pair(&session, access, refresh))
             }
@@ -355,6 +370,13 @@ impl SessionService {
                     "refresh token reuse: session revoked"
                 );
                 self.view.apply(session_revoked(&session));
+                self.emit(
+                    self.event(EventKind::Revoke)
+                        .session(&session.session_id, &session.subject)
+                        .request(&request_info)
+                        .decision("revoke")
+                        .detail("refresh_reuse"),
+                );
                 // The rules may widen the revocation (e.g. to every session of the user).
                 if self
                     .ensure_loaded(&session.session_id, &session.subject)
@@ -374,7 +396,15 @@ impl SessionService {
                 Err(SessionError::RefreshReuse)
             }
             RotateOutcome::Rejected(why) => {
-                Err(SessionError::InvalidGrant(RefreshRejectionCode::Store(why)))
+                let code = RefreshRejectionCode::Store(why);
+                let mut event = self
+                    .event(EventKind::Refresh)
+                    .request(&request_info)
+                    .decision("invalid")
+                    .detail(code.code());
+                event.session_id = current.map(|r| r.session_id);
+                self.emit(event);
+                Err(SessionError::InvalidGrant(code))
             }
         }
     }
@@ -410,6 +440,13 @@ impl SessionService {
             };
         };
         self.view.apply(session_reauthenticated(&session));
+        self.emit(
+            self.event(EventKind::Reauth)
+                .session(&session.session_id, &session.subject)
+                .request(&client.request_info())
+                .client(&info)
+                .decision("allow"),
+        );
         self.monitor
             .rebind(&session.session_id, &session.subject, info);
         let access = self.mint_for(&session, now, exp)?;
@@ -429,6 +466,12 @@ impl SessionService {
             .ok_or(SessionError::NotFound)?;
         self.view.apply(session_revoked(&session));
         self.monitor.forget(&session.session_id);
+        self.emit(
+            self.event(EventKind::Revoke)
+                .session(&session.session_id, &session.subject)
+                .decision("revoke")
+                .detail(reason),
+        );
         Ok(())
     }
 
@@ -436,12 +479,19 @@ impl SessionService {
     pub async fn logout_all(&self, subject: &Subject) -> Result<u64, SessionError> {
         let now = self.clock.now();
         let until = now.saturating_add(self.access_ttl());
-        let (revoked, generation) = self.store.revoke_user(subject.as_str(), now, until).await?;
+        let (revoked, generation, until) =
+            self.store.revoke_user(subject.as_str(), now, until).await?;
         self.view.apply(Change::UserGeneration {
             subject: subject.as_str().to_owned(),
             generation,
             until,
         });
+        let mut event = self
+            .event(EventKind::Revoke)
+            .decision("revoke_user")
+            .detail(format!("logout_all: {revoked} sessions"));
+        event.subject = Some(subject.as_str().to_owned());
+        self.emit(event);
         Ok(revoked)
     }
 
@@ -492,9 +542,15 @@ impl SessionService {
         let e = &a.evaluation;
         match e.decision {
             Decision::StepUp if a.newly_stepped_up => {
-                self.store
+                if let Err(err) = self
+                    .store
                     .set_step_up(session_id, e.session_risk, self.clock.now_millis())
-                    .await?;
+                    .await
+                {
+                    // Not durable, so not remembered either: the next request tries again.
+                    self.monitor.clear_step_up(session_id);
+                    return Err(err.into());
+                }
                 tracing::info!(
                     session_id,
                     subject,
@@ -533,28 +589,62 @@ impl SessionService {
         token: &str,
         request: &RequestInfo,
     ) -> Result<Verdict, SessionError> {
+        let (verdict, client) = self.decide(token, request).await?;
+        let mut event = self.event(EventKind::Request).request(request);
+        event = match &verdict {
+            Verdict::Assessed(claims, e) => event.session(&claims.sid, &claims.sub).evaluation(e),
+            Verdict::Revoked(claims, by) => event
+                .session(&claims.sid, &claims.sub)
+                .decision("revoke")
+                .detail(by.code()),
+            Verdict::Invalid(e) => event.decision("invalid").detail(e.code()),
+        };
+        if let Some(c) = &client {
+            event = event.client(c);
+        }
+        self.emit(event);
+        Ok(verdict)
+    }
+
+    async fn decide(
+        &self,
+        token: &str,
+        request: &RequestInfo,
+    ) -> Result<(Verdict, Option<crate::enrich::ClientInfo>), SessionError> {
         let claims = match self.check_token(token) {
             Ok(c) => c,
-            Err(verdict) => return Ok(verdict),
+            Err(verdict) => return Ok((verdict, None)),
         };
         if let Some(why) = self.stale() {
             return Err(SessionError::Unavailable(why));
         }
         if !self.ensure_loaded(&claims.sid, &claims.sub).await? {
-            return Ok(Verdict::Revoked(Box::new(claims), RevokedBy::Session));
+            return Ok((Verdict::Revoked(Box::new(claims), RevokedBy::Session), None));
         }
-        let Some(assessment) = self.monitor.assess(
-            RequestKind::Request,
-            (&claims.jti, &claims.sid, &claims.sub),
-            request,
-            false,
-        ) else {
-            return Ok(Verdict::Revoked(Box::new(claims), RevokedBy::Session));
+        let ids = (
+            claims.jti.as_str(),
+            claims.sid.as_str(),
+            claims.sub.as_str(),
+        );
+        let assessment = match self
+            .monitor
+            .assess(RequestKind::Request, ids, request, false)
+        {
+            Some(a) => a,
+            // The state was dropped in between (a change from the feed): load it again.
+            None => {
+                if !self.ensure_loaded(&claims.sid, &claims.sub).await? {
+                    return Ok((Verdict::Revoked(Box::new(claims), RevokedBy::Session), None));
+                }
+                self.monitor
+                    .assess(RequestKind::Request, ids, request, false)
+                    .ok_or(SessionError::MissingClientIp)?
+            }
         };
         self.enforce(&assessment, &claims.sid, &claims.sub).await?;
-        Ok(Verdict::Assessed(
-            Box::new(claims),
-            Box::new(assessment.evaluation),
+        Ok((
+            Verdict::Assessed(Box::new(claims), Box::new(assessment.evaluation)),
+            Some(assessment.client),
         ))
     }
 
@@ -619,6 +709,9 @@ impl SessionService {
             }));
         }
         Ok(match self.check_token(token) {
+            Ok(_) if self.stale().is_some() => {
+                return Err(SessionError::Unavailable(self.stale().unwrap_or_default()));
+            }
             Ok(claims) => {
                 let mut body = serde_json::to_value(&claims).unwrap_or(serde_json::Value::Null);
                 if let Some(obj) = body.as_object_mut() {
@@ -659,6 +752,25 @@ impl SessionService {
     /// When set, a node whose change feed is stale refuses to allow (fail closed).
     pub fn set_freshness_guard(&self, guard: Arc<dyn Fn() -> Option<String> + Send + Sync>) {
         let _ = self.freshness.set(guard);
+    }
+
+    /// Where audit events go (none: not recorded).
+    pub fn set_event_sink(&self, sink: Arc<EventSink>) {
+        let _ = self.events.set(sink);
+    }
+
+    pub fn event_sink(&self) -> Option<&Arc<EventSink>> {
+        self.events.get()
+    }
+
+    fn emit(&self, event: Event) {
+        if let Some(sink) = self.events.get() {
+            sink.record(event);
+        }
+    }
+
+    fn event(&self, kind: EventKind) -> Event {
+        Event::new(kind, self.clock.now_millis())
     }
 
     fn stale(&self) -> Option<String> {

@@ -77,6 +77,30 @@ pub struct SessionRecord {
     pub last_seen_info: Option<String>,
 }
 
+/// An audit event as stored: the columns it is filtered by, and its JSON line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub ts_ms: i64,
+    pub kind: String,
+    pub session_id: Option<String>,
+    pub subject: Option<String>,
+    pub decision: Option<String>,
+    pub event: String,
+}
+
+/// Which events to read, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub subject: Option<String>,
+    pub session_id: Option<String>,
+    pub decision: Option<String>,
+    /// Start after this (time, id) position (paging); `(i64::MIN, 0)` for the start.
+    pub after: (i64, i64),
+    pub limit: i64,
+}
+
 /// What the risk engine remembers of a session's last request, to persist.
 #[derive(Debug, Clone)]
 pub struct LastSeen {
@@ -243,14 +267,15 @@ pub trait Store: Send + Sync + 'static {
         reason: &str,
         now: UnixSeconds,
     ) -> Result<Option<SessionRecord>, StoreError>;
-    /// Revokes every session of the subject and bumps its generation.
-    /// Returns (sessions newly revoked, new generation).
+    /// Revokes every session of the subject and bumps its generation. `valid_until` is
+    /// the least horizon; the store raises it to the latest `exp` it issued to the user.
+    /// Returns (sessions newly revoked, new generation, horizon).
     async fn revoke_user(
         &self,
         subject: &str,
         now: UnixSeconds,
         valid_until: UnixSeconds,
-    ) -> Result<(u64, i64), StoreError>;
+    ) -> Result<(u64, i64, UnixSeconds), StoreError>;
     async fn revoke_jti(&self, revoked: &RevokedJti) -> Result<(), StoreError>;
     /// Marks an active session as needing re-authentication, with its risk.
     async fn set_step_up(
@@ -262,6 +287,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes the sessions' last observations and risk (write-behind, one transaction).
     async fn save_last_seen(&self, batch: &[LastSeen]) -> Result<(), StoreError>;
+    async fn insert_events(&self, events: &[StoredEvent]) -> Result<(), StoreError>;
+    /// Events matching the filter, oldest first, as (time ms, id, JSON line).
+    async fn events(&self, filter: &EventFilter) -> Result<Vec<(i64, i64, String)>, StoreError>;
+    /// Deletes events older than `before_ms`; returns how many.
+    async fn prune_events(&self, before_ms: i64) -> Result<u64, StoreError>;
     /// The newest change's sequence number (0 when there is none).
     async fn head_change(&self) -> Result<i64, StoreError>;
     /// Changes after `after`, in order, at most `limit`.

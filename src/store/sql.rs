@@ -13,8 +13,8 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    LastSeen, NewRefresh, ReauthRequest, RefreshRecord, RevokedJti, RotateAction, RotateOutcome,
-    RotateRequest, SessionRecord, Store, StoreError, classify_refresh,
+    EventFilter, LastSeen, NewRefresh, ReauthRequest, RefreshRecord, RevokedJti, RotateAction,
+    RotateOutcome, RotateRequest, SessionRecord, Store, StoreError, StoredEvent, classify_refresh,
 };
 use crate::clock::UnixSeconds;
 use crate::revocation::Change;
@@ -62,6 +62,7 @@ const SELECT_SESSION: &str = "SELECT * FROM sessions WHERE session_id = $1";
 const SELECT_SESSIONS_OF: &str =
     "SELECT * FROM sessions WHERE subject = $1 ORDER BY created_at DESC, session_id";
 const SELECT_REFRESH: &str = "SELECT * FROM refresh_tokens WHERE token_hash = $1";
+const SELECT_REFRESH_SESSION: &str = "SELECT session_id FROM refresh_tokens WHERE token_hash = $1";
 const SELECT_GENERATION: &str = "SELECT generation FROM users WHERE subject = $1";
 const COUNT_CURRENT_CHILDREN: &str =
     "SELECT COUNT(*) FROM refresh_tokens WHERE parent_hash = $1 AND retired_at IS NULL";
@@ -71,10 +72,16 @@ const TOUCH_SESSION: &str = "UPDATE sessions SET last_seen_at = $2, \
      WHERE session_id = $1 RETURNING *";
 const REVOKE_SESSION: &str = "UPDATE sessions SET state = 'revoked', revoked_at = $2, revoked_reason = $3 WHERE session_id = $1 AND state <> 'revoked' RETURNING *";
 const REAUTH_SESSION: &str = "UPDATE sessions SET ip = $2, user_agent = $3, binding = $4, auth_time = $5, last_seen_at = $5, state = 'active', \
-     epoch = epoch + 1, epoch_until = access_exp_max, access_exp_max = $6, binding_info = $7, risk = 0, risk_at = $5 * 1000 WHERE session_id = $1 RETURNING *";
+     epoch = epoch + 1, epoch_until = access_exp_max, \
+     access_exp_max = CASE WHEN access_exp_max > $6 THEN access_exp_max ELSE $6 END, binding_info = $7, risk = 0, risk_at = $5 * 1000 WHERE session_id = $1 RETURNING *";
 const SET_STEP_UP: &str = "UPDATE sessions SET state = 'step_up', risk = $2, risk_at = $3 WHERE session_id = $1 AND state = 'active'";
 const BUMP_GENERATION: &str = "INSERT INTO users (subject, generation, valid_until) VALUES ($1, 1, $2) \
-     ON CONFLICT (subject) DO UPDATE SET generation = users.generation + 1, valid_until = excluded.valid_until RETURNING generation";
+     ON CONFLICT (subject) DO UPDATE SET generation = users.generation + 1, \
+     valid_until = CASE WHEN users.valid_until > excluded.valid_until THEN users.valid_until ELSE excluded.valid_until END \
+     RETURNING generation, valid_until";
+/// The latest `exp` any access token of the user's sessions can carry.
+const USER_ACCESS_EXP_MAX: &str =
+    "SELECT COALESCE(MAX(access_exp_max), 0) FROM sessions WHERE subject = $1";
 const REVOKE_USER_SESSIONS: &str = "UPDATE sessions SET state = 'revoked', revoked_at = $2, revoked_reason = 'logout_all' WHERE subject = $1 AND state <> 'revoked'";
 const RETIRE_USER_REFRESH: &str = "UPDATE refresh_tokens SET retired_at = $2, retired_reason = 'revoked' \
      WHERE retired_at IS NULL AND session_id IN (SELECT session_id FROM sessions WHERE subject = $1)";
@@ -83,15 +90,20 @@ const INSERT_CHANGE: &str = "INSERT INTO changes (seq, change, created_at) \
      SELECT COALESCE(MAX(seq), 0) + 1, $1, $2 FROM changes RETURNING seq";
 const SAVE_LAST_SEEN: &str = "UPDATE sessions SET last_seen_at = $2, last_seen_info = $3, risk = $4, risk_at = $5 \
      WHERE session_id = $1 AND last_seen_at <= $2";
+const INSERT_EVENT: &str = "INSERT INTO events (ts_ms, kind, session_id, subject, decision, event) VALUES ($1, $2, $3, $4, $5, $6)";
+const SELECT_EVENTS: &str = "SELECT ts_ms, id, event FROM events WHERE (ts_ms > $1 OR (ts_ms = $1 AND id > $8)) AND ts_ms >= $2 AND ts_ms < $3 \
+     AND (CAST($4 AS TEXT) IS NULL OR subject = $4) AND (CAST($5 AS TEXT) IS NULL OR session_id = $5) \
+     AND (CAST($6 AS TEXT) IS NULL OR decision = $6) ORDER BY ts_ms, id LIMIT $7";
+const PRUNE_EVENTS: &str = "DELETE FROM events WHERE ts_ms < $1";
 const HEAD_CHANGE: &str = "SELECT COALESCE(MAX(seq), 0) FROM changes";
 const CHANGES_SINCE: &str = "SELECT seq, change FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2";
 const PRUNE_CHANGES: &str =
     "DELETE FROM changes WHERE created_at < $1 AND seq < (SELECT MAX(seq) FROM changes)";
-const LIVE_REVOKED_JTI: &str = "SELECT jti, exp FROM revoked_jti WHERE exp > $1";
-const LIVE_REVOKED_SESSIONS: &str = "SELECT session_id, access_exp_max FROM sessions WHERE state = 'revoked' AND access_exp_max > $1";
-const LIVE_EPOCHS: &str = "SELECT session_id, epoch, epoch_until FROM sessions WHERE epoch > 0 AND epoch_until > $1 AND state <> 'revoked'";
+const LIVE_REVOKED_JTI: &str = "SELECT jti, exp FROM revoked_jti WHERE exp >= $1";
+const LIVE_REVOKED_SESSIONS: &str = "SELECT session_id, access_exp_max FROM sessions WHERE state = 'revoked' AND access_exp_max >= $1";
+const LIVE_EPOCHS: &str = "SELECT session_id, epoch, epoch_until FROM sessions WHERE epoch > 0 AND epoch_until >= $1 AND state <> 'revoked'";
 const LIVE_GENERATIONS: &str =
-    "SELECT subject, generation, valid_until FROM users WHERE valid_until > $1";
+    "SELECT subject, generation, valid_until FROM users WHERE valid_until >= $1";
 
 macro_rules! sql_store {
     ($store:ident, $db:ty, $pool:ty, $dialect:expr, $migrator:expr, $backend:literal) => {
@@ -217,18 +229,27 @@ macro_rules! sql_store {
 
             async fn rotate_refresh(&self, r: &RotateRequest) -> Result<RotateOutcome, StoreError> {
                 let mut tx = self.pool.begin_with($dialect.begin_write).await?;
+                // Lock order everywhere: the session row, then its refresh tokens (logout,
+                // reauth and revoke-all take them in that order too), so no deadlock.
+                let owner: Option<(String,)> = sqlx::query_as(SELECT_REFRESH_SESSION)
+                    .bind(&r.presented_hash)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some((session_id,)) = owner else {
+                    return Ok(RotateOutcome::Rejected(super::RefreshRejection::Unknown));
+                };
+                let session: Option<SessionRecord> = sqlx::query_as($dialect.session_for_update)
+                    .bind(&session_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(session) = session else {
+                    return Ok(RotateOutcome::Rejected(super::RefreshRejection::Unknown));
+                };
                 let token: Option<RefreshRecord> = sqlx::query_as($dialect.refresh_for_update)
                     .bind(&r.presented_hash)
                     .fetch_optional(&mut *tx)
                     .await?;
                 let Some(token) = token else {
-                    return Ok(RotateOutcome::Rejected(super::RefreshRejection::Unknown));
-                };
-                let session: Option<SessionRecord> = sqlx::query_as($dialect.session_for_update)
-                    .bind(&token.session_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let Some(session) = session else {
                     return Ok(RotateOutcome::Rejected(super::RefreshRejection::Unknown));
                 };
                 let generation: Option<(i64,)> = sqlx::query_as(SELECT_GENERATION)
@@ -381,13 +402,10 @@ macro_rules! sql_store {
                 subject: &str,
                 now: UnixSeconds,
                 valid_until: UnixSeconds,
-            ) -> Result<(u64, i64), StoreError> {
+            ) -> Result<(u64, i64, UnixSeconds), StoreError> {
                 let mut tx = self.pool.begin_with($dialect.begin_write).await?;
-                let (generation,): (i64,) = sqlx::query_as(BUMP_GENERATION)
-                    .bind(subject)
-                    .bind(valid_until)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                // Sessions first (the same lock order as rotation), so a rotation in flight
+                // has committed its token's exp before the horizon below is read.
                 let revoked = sqlx::query(REVOKE_USER_SESSIONS)
                     .bind(subject)
                     .bind(now)
@@ -399,14 +417,23 @@ macro_rules! sql_store {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
+                let (issued_max,): (i64,) = sqlx::query_as(USER_ACCESS_EXP_MAX)
+                    .bind(subject)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let (generation, until): (i64, i64) = sqlx::query_as(BUMP_GENERATION)
+                    .bind(subject)
+                    .bind(valid_until.max(issued_max))
+                    .fetch_one(&mut *tx)
+                    .await?;
                 let change = Change::UserGeneration {
                     subject: subject.to_owned(),
                     generation,
-                    until: valid_until,
+                    until,
                 };
                 Self::record(&mut tx, &change, now).await?;
                 tx.commit().await?;
-                Ok((revoked, generation))
+                Ok((revoked, generation, until))
             }
 
             async fn revoke_jti(&self, j: &RevokedJti) -> Result<(), StoreError> {
@@ -473,6 +500,48 @@ macro_rules! sql_store {
                 }
                 tx.commit().await?;
                 Ok(())
+            }
+
+            async fn insert_events(&self, events: &[StoredEvent]) -> Result<(), StoreError> {
+                if events.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.pool.begin_with($dialect.begin_write).await?;
+                for e in events {
+                    sqlx::query(INSERT_EVENT)
+                        .bind(e.ts_ms)
+                        .bind(&e.kind)
+                        .bind(&e.session_id)
+                        .bind(&e.subject)
+                        .bind(&e.decision)
+                        .bind(&e.event)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn events(&self, f: &EventFilter) -> Result<Vec<(i64, i64, String)>, StoreError> {
+                Ok(sqlx::query_as(SELECT_EVENTS)
+                    .bind(f.after.0)
+                    .bind(f.since_ms.unwrap_or(i64::MIN))
+                    .bind(f.until_ms.unwrap_or(i64::MAX))
+                    .bind(&f.subject)
+                    .bind(&f.session_id)
+                    .bind(&f.decision)
+                    .bind(f.limit)
+                    .bind(f.after.1)
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn prune_events(&self, before_ms: i64) -> Result<u64, StoreError> {
+                Ok(sqlx::query(PRUNE_EVENTS)
+                    .bind(before_ms)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected())
             }
 
             async fn head_change(&self) -> Result<i64, StoreError> {

@@ -4,6 +4,7 @@
 mod api;
 mod cluster;
 mod enrich;
+mod events;
 mod interop;
 mod nodes;
 mod risk;

@@ -93,7 +93,94 @@ conformance!(
     concurrent_presentations_of_one_token_rotate_it_exactly_once,
     last_seen_is_written_behind_and_never_goes_backwards,
     every_revocation_is_numbered_in_the_change_feed,
+    events_are_filtered_paged_in_time_order_and_pruned,
 );
+
+async fn events_are_filtered_paged_in_time_order_and_pruned(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    let ev = |ts_ms: i64, subject: &str, decision: &str| tokenwarden::store::StoredEvent {
+        ts_ms,
+        kind: "request".into(),
+        session_id: Some(format!("s-{subject}")),
+        subject: Some(subject.into()),
+        decision: Some(decision.into()),
+        event: format!("{{\"ts\":{ts_ms}}}"),
+    };
+    // Written out of time order, as batches from several writers can be.
+    store
+        .insert_events(&[ev(300, "alice", "allow"), ev(100, "bob", "deny")])
+        .await
+        .unwrap();
+    store
+        .insert_events(&[ev(200, "alice", "step_up"), ev(100, "alice", "allow")])
+        .await
+        .unwrap();
+    let mut filter = tokenwarden::store::EventFilter {
+        after: (i64::MIN, 0),
+        limit: 2,
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    loop {
+        let page = store.events(&filter).await.unwrap();
+        let Some((ts, id, _)) = page.last() else {
+            break;
+        };
+        filter.after = (*ts, *id);
+        seen.extend(page.into_iter().map(|(ts, _, _)| ts));
+    }
+    assert_eq!(
+        seen,
+        [100, 100, 200, 300],
+        "keyset paging in time order misses nothing"
+    );
+    let only = |f: tokenwarden::store::EventFilter| {
+        let store = store.clone();
+        async move { store.events(&f).await.unwrap().len() }
+    };
+    let base = tokenwarden::store::EventFilter {
+        after: (i64::MIN, 0),
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(
+        only(tokenwarden::store::EventFilter {
+            subject: Some("alice".into()),
+            ..base.clone()
+        })
+        .await,
+        3
+    );
+    assert_eq!(
+        only(tokenwarden::store::EventFilter {
+            decision: Some("deny".into()),
+            ..base.clone()
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        only(tokenwarden::store::EventFilter {
+            session_id: Some("s-bob".into()),
+            ..base.clone()
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        only(tokenwarden::store::EventFilter {
+            since_ms: Some(150),
+            until_ms: Some(300),
+            ..base.clone()
+        })
+        .await,
+        1
+    );
+    assert_eq!(store.prune_events(200).await.unwrap(), 2);
+    assert_eq!(only(base).await, 2);
+}
 
 async fn last_seen_is_written_behind_and_never_goes_backwards(backend: Backend) {
     let Some((_db, store)) = open_store(backend).await else {
@@ -482,11 +569,24 @@ async fn logout_everywhere_bumps_the_generation_and_kills_older_sessions(backend
         .unwrap();
     assert_eq!(
         store.revoke_user("alice", T0 + 1, T0 + 301).await.unwrap(),
-        (2, 1)
+        (2, 1, T0 + 301)
     );
     assert_eq!(
         store.revoke_user("alice", T0 + 2, T0 + 302).await.unwrap(),
-        (0, 2)
+        (0, 2, T0 + 302)
+    );
+    // The horizon covers the latest exp issued to the user, even past now + ttl.
+    let long = SessionRecord {
+        access_exp_max: T0 + 900,
+        ..session("s9", "zed", T0, 0)
+    };
+    store
+        .create_session(&long, &refresh("h9", T0))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.revoke_user("zed", T0 + 1, T0 + 301).await.unwrap(),
+        (1, 1, T0 + 900)
     );
     assert_eq!(store.user_generation("alice").await.unwrap(), 2);
     assert!(store.session("s1").await.unwrap().unwrap().is_revoked());

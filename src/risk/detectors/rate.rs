@@ -30,8 +30,13 @@ pub fn evaluate(
     limiters: &RateLimiters,
     ctx: &RequestContext<'_>,
 ) -> Option<Hit> {
+    let key = key(p, ctx);
+    // A refresh has no jti: a jti quota does not apply (it would be one shared bucket).
+    if key.is_empty() {
+        return None;
+    }
     let cost = if p.weighted { ctx.cost.max(1) } else { 1 };
-    let wait = limiters.check(rule_id, p, &key(p, ctx), cost).err()?;
+    let wait = limiters.check(rule_id, p, &key, cost).err()?;
     let mut h = hit(
         ctx,
         format!(

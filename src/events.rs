@@ -1,0 +1,313 @@
+//! Audit events: one per decision (session open, request, refresh, reauth,
+//! revoke), in the replay format of PRODUCT.md, never carrying a raw token.
+//! Recording never waits: events go into a bounded queue and a writer task stores
+//! them in batches; when the queue is full the event is dropped and counted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::enrich::ClientInfo;
+use crate::monitor::RequestInfo;
+use crate::risk::{Evaluation, Reason};
+use crate::store::{SharedStore, StoredEvent};
+
+/// The stored form: indexed columns plus the JSON line.
+fn stored(e: &Event) -> Option<StoredEvent> {
+    let t =
+        time::OffsetDateTime::parse(&e.ts, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(StoredEvent {
+        ts_ms: i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()?,
+        kind: e.kind.as_str().to_owned(),
+        session_id: e.session_id.clone(),
+        subject: e.subject.clone(),
+        decision: e.decision.clone(),
+        event: serde_json::to_string(e).ok()?,
+    })
+}
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    SessionOpen,
+    Request,
+    Refresh,
+    Reauth,
+    Revoke,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SessionOpen => "session_open",
+            Self::Request => "request",
+            Self::Refresh => "refresh",
+            Self::Reauth => "reauth",
+            Self::Revoke => "revoke",
+        }
+    }
+}
+
+/// One line of the audit log and of the replay format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// RFC 3339, milliseconds.
+    pub ts: String,
+    pub kind: EventKind,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub ip: Option<String>,
+    #[serde(default)]
+    pub user_agent: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub referrer: Option<String>,
+    #[serde(default)]
+    pub origin: Option<String>,
+    #[serde(default)]
+    pub sec_fetch_site: Option<String>,
+    #[serde(default)]
+    pub cost: Option<u32>,
+    #[serde(default)]
+    pub decision: Option<String>,
+    #[serde(default)]
+    pub score: Option<u32>,
+    #[serde(default)]
+    pub session_risk: Option<f64>,
+    #[serde(default)]
+    pub reasons: Vec<Reason>,
+    #[serde(default)]
+    pub rules_hash: Option<String>,
+    /// Enrichment at the time (replay recomputes it when absent).
+    #[serde(default)]
+    pub country: Option<String>,
+    #[serde(default)]
+    pub city: Option<String>,
+    #[serde(default)]
+    pub asn: Option<u32>,
+    #[serde(default)]
+    pub latitude: Option<f64>,
+    #[serde(default)]
+    pub longitude: Option<f64>,
+    #[serde(default)]
+    pub radius_km: Option<f64>,
+    #[serde(default)]
+    pub ua_fingerprint: Option<String>,
+    /// Why, for revocations (`logout`, `refresh_reuse`, `risk: …`).
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt).unwrap_or_default()
+}
+
+impl Event {
+    pub fn new(kind: EventKind, at_ms: i64) -> Self {
+        Self {
+            ts: rfc3339_ms(at_ms),
+            kind,
+            session_id: None,
+            subject: None,
+            ip: None,
+            user_agent: None,
+            method: None,
+            path: None,
+            referrer: None,
+            origin: None,
+            sec_fetch_site: None,
+            cost: None,
+            decision: None,
+            score: None,
+            session_risk: None,
+            reasons: Vec::new(),
+            rules_hash: None,
+            country: None,
+            city: None,
+            asn: None,
+            latitude: None,
+            longitude: None,
+            radius_km: None,
+            ua_fingerprint: None,
+            detail: None,
+        }
+    }
+
+    pub fn session(mut self, session_id: &str, subject: &str) -> Self {
+        self.session_id = Some(session_id.to_owned());
+        self.subject = Some(subject.to_owned());
+        self
+    }
+
+    pub fn request(mut self, r: &RequestInfo) -> Self {
+        self.ip = r.ip.map(|ip| ip.to_string());
+        self.user_agent = r.user_agent.clone();
+        self.method = r.method.clone();
+        self.path = r.path.clone();
+        self.referrer = r.referrer.clone();
+        self.origin = r.origin.clone();
+        self.sec_fetch_site = r.sec_fetch_site.clone();
+        self.cost = r.cost;
+        self
+    }
+
+    pub fn client(mut self, c: &ClientInfo) -> Self {
+        self.ip.get_or_insert_with(|| c.ip.to_string());
+        self.country = c.country.clone();
+        self.asn = c.asn;
+        if let Some(l) = &c.location {
+            self.city = l.city.clone();
+            self.latitude = Some(l.latitude);
+            self.longitude = Some(l.longitude);
+            self.radius_km = Some(l.radius_km);
+        }
+        self.ua_fingerprint = Some(c.ua.key());
+        self
+    }
+
+    pub fn evaluation(mut self, e: &Evaluation) -> Self {
+        self.decision = Some(e.decision.as_str().to_owned());
+        self.score = Some(e.score);
+        self.session_risk = Some(e.session_risk);
+        self.reasons = e.reasons.clone();
+        self.rules_hash = Some(e.rules_hash.clone());
+        self
+    }
+
+    pub fn decision(mut self, decision: &str) -> Self {
+        self.decision = Some(decision.to_owned());
+        self
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+/// The bounded queue in front of the event writer, and live subscribers.
+pub struct EventSink {
+    tx: mpsc::Sender<Event>,
+    live: broadcast::Sender<Arc<String>>,
+    /// Queued successfully.
+    accepted: AtomicU64,
+    /// Dropped because the queue was full.
+    dropped_full: AtomicU64,
+    /// Queued, but the database refused the batch.
+    dropped_failed: AtomicU64,
+    written: AtomicU64,
+    capacity: usize,
+}
+
+impl EventSink {
+    /// The sink and the receiving end for [`EventSink::run_writer`].
+    pub fn new(capacity: usize) -> (Arc<Self>, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (live, _) = broadcast::channel(1024);
+        (
+            Arc::new(Self {
+                tx,
+                live,
+                accepted: AtomicU64::new(0),
+                dropped_full: AtomicU64::new(0),
+                dropped_failed: AtomicU64::new(0),
+                written: AtomicU64::new(0),
+                capacity: capacity.max(1),
+            }),
+            rx,
+        )
+    }
+
+    /// Queues the event; never waits. A full queue drops it and counts the drop.
+    pub fn record(&self, event: Event) {
+        if self.live.receiver_count() > 0
+            && let Ok(line) = serde_json::to_string(&event)
+        {
+            let _ = self.live.send(Arc::new(line));
+        }
+        if self.tx.try_send(event).is_ok() {
+            self.accepted.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.dropped_full.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<String>> {
+        self.live.subscribe()
+    }
+
+    /// Events lost: queue full, or the database refused them.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_full.load(Ordering::Relaxed) + self.dropped_failed.load(Ordering::Relaxed)
+    }
+
+    /// Dropped because the queue was full (the database could not keep up).
+    pub fn dropped_queue_full(&self) -> u64 {
+        self.dropped_full.load(Ordering::Relaxed)
+    }
+
+    /// Every queued event has been written or counted as lost.
+    pub fn settled(&self) -> bool {
+        self.written.load(Ordering::Relaxed) + self.dropped_failed.load(Ordering::Relaxed)
+            >= self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Events waiting to be written.
+    pub fn depth(&self) -> usize {
+        self.capacity - self.tx.capacity()
+    }
+
+    /// Stores queued events in batches until the queue closes. A failed batch is
+    /// logged and counted as dropped; the writer goes on.
+    pub async fn run_writer(self: Arc<Self>, mut rx: mpsc::Receiver<Event>, store: SharedStore) {
+        const BATCH: usize = 500;
+        let mut batch = Vec::with_capacity(BATCH);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(e) => batch.push(e),
+                    Err(_) => break,
+                }
+            }
+            let queued = batch.len();
+            let rows: Vec<StoredEvent> = batch.drain(..).filter_map(|e| stored(&e)).collect();
+            // An event that cannot be encoded counts as lost, not silently.
+            self.dropped_failed
+                .fetch_add((queued - rows.len()) as u64, Ordering::Relaxed);
+            match store.insert_events(&rows).await {
+                Ok(()) => {
+                    self.written.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.dropped_failed
+                        .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                    tracing::warn!(error = %e, events = rows.len(), "cannot store audit events; dropped");
+                    // Give a struggling database a moment instead of hammering it.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
