@@ -131,6 +131,37 @@ async fn every_decision_is_recorded_and_exported_without_a_raw_token() {
 }
 
 #[tokio::test]
+async fn the_live_stream_carries_each_event_as_it_happens() {
+    let Some(db) = database(Backend::Sqlite).await else {
+        return;
+    };
+    let keys = Keys::all();
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::spawn(settings(&db.url, &keys, "ed-1", data.path())).await;
+    let mut stream = admin_get(&app, "/admin/events/stream").await;
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    app.open("carol").await;
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.chunk())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .expect("stream open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let data = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("a data line");
+    let event: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(
+        (event["kind"].as_str(), event["subject"].as_str()),
+        (Some("session_open"), Some("carol"))
+    );
+}
+
+#[tokio::test]
 async fn a_stalled_database_never_blocks_verification_and_drops_are_counted() {
     let Some(db) = database(Backend::Postgres).await else {
         return;

@@ -357,3 +357,79 @@ fn a_broken_rule_file_is_reported_with_file_line_and_column() {
         "{stdout}"
     );
 }
+
+#[tokio::test]
+async fn forward_auth_believes_forwarding_headers_only_from_trusted_proxies() {
+    let Some(db) = database(Backend::Sqlite).await else {
+        return;
+    };
+    let keys = Keys::all();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = settings(&db.url, &keys, "ed-1", data.path());
+    config.geoip_city = Some(repo("tests/data/geoip/GeoIP2-City-Test.mmdb"));
+    config.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    let app = TestApp::spawn(config).await;
+    let opened = open_from(&app, "alice", "81.2.69.142").await;
+    let token = s(&opened, "access_token");
+    let gate = |xff: &'static str| {
+        let app = &app;
+        let token = token.clone();
+        async move {
+            app.http
+                .get(app.url("/v1/forward-auth"))
+                .bearer_auth(token)
+                .header("user-agent", USER_AGENT)
+                .header("x-forwarded-for", xff)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // The client spoofs London on the left; the proxy appended the real address.
+    app.clock.advance(Duration::from_secs(60));
+    let r = gate("81.2.69.142").await;
+    assert_eq!(r.status(), 200);
+    app.clock.advance(Duration::from_secs(60));
+    let r = gate("81.2.69.142, 216.160.83.56").await;
+    assert_eq!(r.status(), 401);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("insufficient_user_authentication")
+    );
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body.get("reasons").is_none(),
+        "the token holder does not learn the victim's binding: {body}"
+    );
+    assert!(
+        body["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "impossible_travel"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn forward_auth_refuses_peers_outside_the_trusted_proxy_list() {
+    let Some(db) = database(Backend::Sqlite).await else {
+        return;
+    };
+    let keys = Keys::all();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = settings(&db.url, &keys, "ed-1", data.path());
+    config.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+    let app = TestApp::spawn(config).await;
+    let opened = open_from(&app, "alice", "192.0.2.1").await;
+    let r = app
+        .http
+        .get(app.url("/v1/forward-auth"))
+        .bearer_auth(s(&opened, "access_token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}
