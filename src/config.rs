@@ -81,6 +81,8 @@ pub struct FileConfig {
     pub trusted_proxies: Option<Vec<IpNet>>,
     /// Log filter, e.g. `info` or `tokenwarden=debug`.
     pub log: Option<String>,
+    /// Serve `/metrics` on the admin listener without the admin token. Default false.
+    pub metrics_open: Option<bool>,
     /// App credentials for the session and verify APIs.
     #[serde(default)]
     pub apps: Vec<AppEntry>,
@@ -243,6 +245,7 @@ pub struct Settings {
     pub admin_token: Option<Secret>,
     pub trusted_proxies: Vec<IpNet>,
     pub log: String,
+    pub metrics_open: bool,
     /// Empty means: development mode, a generated app key in `data_dir`.
     pub apps: Vec<AppCredential>,
     pub tokens: TokenSettings,
@@ -503,6 +506,7 @@ impl Settings {
             admin_token,
             trusted_proxies,
             log,
+            metrics_open: file.metrics_open.unwrap_or(false),
             apps,
             tokens,
             keys: file.keys,

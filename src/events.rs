@@ -205,6 +205,7 @@ impl Event {
 /// The bounded queue in front of the event writer, and live subscribers.
 pub struct EventSink {
     tx: mpsc::Sender<Event>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     live: broadcast::Sender<Arc<String>>,
     /// Queued successfully.
     accepted: AtomicU64,
@@ -218,12 +219,16 @@ pub struct EventSink {
 
 impl EventSink {
     /// The sink and the receiving end for [`EventSink::run_writer`].
-    pub fn new(capacity: usize) -> (Arc<Self>, mpsc::Receiver<Event>) {
+    pub fn new(
+        capacity: usize,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> (Arc<Self>, mpsc::Receiver<Event>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let (live, _) = broadcast::channel(1024);
         (
             Arc::new(Self {
                 tx,
+                metrics,
                 live,
                 accepted: AtomicU64::new(0),
                 dropped_full: AtomicU64::new(0),
@@ -237,6 +242,9 @@ impl EventSink {
 
     /// Queues the event; never waits. A full queue drops it and counts the drop.
     pub fn record(&self, event: Event) {
+        if let Some(m) = &self.metrics {
+            m.observe(&event);
+        }
         if self.live.receiver_count() > 0
             && let Ok(line) = serde_json::to_string(&event)
         {

@@ -17,6 +17,8 @@ pub mod events;
 pub mod feed;
 /// The HTTP layer: routers, extractors, the error type and the application runner.
 pub mod http;
+/// Prometheus metrics with bounded labels, rendered on the admin listener.
+pub mod metrics;
 /// The live risk engine: active rules, enrichment, rate limiters, session and user state.
 pub mod monitor;
 /// In-memory revocation state read by every verification (no database on the hot path).

@@ -21,22 +21,72 @@ use super::extract::bearer;
 use crate::store::EventFilter;
 
 pub fn router(state: AppState) -> Router<AppState> {
-    Router::new()
+    let protected = Router::new()
         .route("/admin/status", get(status))
         .route("/admin/events", get(events))
         .route("/admin/events/stream", get(stream))
-        .route_layer(middleware::from_fn_with_state(state, require_admin))
+        .route_layer(middleware::from_fn_with_state(state, require_admin));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .merge(protected)
 }
 
-/// Refuses the request unless it carries the configured admin token.
-pub async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let ok = match (&state.admin_token, bearer(req.headers())) {
+fn is_admin(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
+    match (&state.admin_token, bearer(headers)) {
         (Some(expected), Some(presented)) => {
             bool::from(expected.expose().as_bytes().ct_eq(presented.as_bytes()))
         }
         _ => false,
-    };
-    if ok {
+    }
+}
+
+/// Prometheus exposition; open without the admin token only if `metrics_open` says so.
+async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if !state.metrics_open && !is_admin(&state, &headers) {
+        return ApiError::Unauthorized.into_response();
+    }
+    let m = &state.metrics;
+    let s = &state.sessions;
+    let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    m.sessions_in_memory
+        .set(gauge(s.monitor().sessions_in_memory()));
+    m.revocations_in_memory.set(gauge(s.view().len()));
+    if let Some(sink) = s.event_sink() {
+        m.event_queue_depth.set(gauge(sink.depth()));
+        let dropped = sink.dropped();
+        let seen = m.events_dropped.get();
+        if dropped > seen {
+            m.events_dropped.inc_by(dropped - seen);
+        }
+    }
+    let geo = s.monitor().enricher().geoip().status();
+    let now = s.now();
+    for (database, db) in [("city", &geo.city), ("asn", &geo.asn)] {
+        if let Some(epoch) = db.build_epoch {
+            let age = (now - i64::try_from(epoch).unwrap_or(now)).max(0);
+            m.geoip_age
+                .get_or_create(&crate::metrics::DatabaseLabels { database })
+                .set(age as f64);
+        }
+    }
+    if let Some(feed) = &state.feed {
+        let status = feed.status();
+        m.feed_lag.set(status.lag_ms as f64 / 1000.0);
+        m.feed_connected.set(i64::from(status.listener_connected));
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
+}
+
+/// Refuses the request unless it carries the configured admin token.
+pub async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if is_admin(&state, req.headers()) {
         next.run(req).await
     } else {
         ApiError::Unauthorized.into_response()

@@ -31,6 +31,7 @@ use crate::config::{AppCredential, Secret, Settings, sha256, to_hex};
 use crate::enrich::{EnrichConfig, Enricher, UaParser};
 use crate::events::EventSink;
 use crate::feed::{Feed, FeedSettings};
+use crate::metrics::Metrics;
 use crate::monitor::Monitor;
 use crate::session::SessionService;
 use crate::store;
@@ -40,6 +41,9 @@ use crate::token::{KeySet, TokenCodec, random_bytes, write_private};
 #[derive(Clone)]
 pub struct AppState {
     pub sessions: Arc<SessionService>,
+    pub metrics: Arc<Metrics>,
+    /// `/metrics` answers without the admin token.
+    pub metrics_open: bool,
     /// The change feed this node follows (PostgreSQL only).
     pub feed: Option<Arc<Feed>>,
     /// Peers whose forwarding headers are believed; when set, the only forward-auth callers.
@@ -176,9 +180,13 @@ impl Application {
             let feed = feed.clone();
             sessions.set_freshness_guard(Arc::new(move || feed.stale_reason()));
         }
-        let (event_sink, event_rx) = EventSink::new(settings.events.queue);
+        let metrics = Arc::new(Metrics::new());
+        metrics.preset(&sessions.monitor().rules());
+        let (event_sink, event_rx) = EventSink::new(settings.events.queue, Some(metrics.clone()));
         sessions.set_event_sink(event_sink);
         let state = AppState {
+            metrics,
+            metrics_open: settings.metrics_open,
             feed,
             trusted_proxies: Arc::new(settings.trusted_proxies.clone()),
             sessions: Arc::new(sessions),
@@ -266,7 +274,10 @@ impl Application {
                 }
             }
         });
-        let reloader = reload::spawn(self.state.sessions.monitor().clone());
+        let reloader = reload::spawn(
+            self.state.sessions.monitor().clone(),
+            self.state.metrics.clone(),
+        );
         // Write-behind of last-seen observations: off the request path, about once a second.
         let writer = {
             let sessions = self.state.sessions.clone();

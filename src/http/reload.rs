@@ -9,20 +9,33 @@ use std::time::Duration;
 use notify_debouncer_full::new_debouncer;
 use notify_debouncer_full::notify::RecursiveMode;
 
+use crate::metrics::Metrics;
 use crate::monitor::Monitor;
 
-fn reload(monitor: &Monitor, why: &str) {
-    match monitor.reload_rules() {
-        Ok(Some(hash)) => tracing::info!(%hash, trigger = why, "rules reloaded"),
-        Ok(None) => tracing::debug!(trigger = why, "rule file unchanged"),
-        Err(e) => {
-            tracing::error!(error = %e, trigger = why, "rule file refused; the previous rules stay active")
+fn reload(monitor: &Monitor, metrics: &Metrics, why: &str) {
+    let result = match monitor.reload_rules() {
+        Ok(Some(hash)) => {
+            tracing::info!(%hash, trigger = why, "rules reloaded");
+            metrics.preset(&monitor.rules());
+            "loaded"
         }
-    }
+        Ok(None) => {
+            tracing::debug!(trigger = why, "rule file unchanged");
+            "unchanged"
+        }
+        Err(e) => {
+            tracing::error!(error = %e, trigger = why, "rule file refused; the previous rules stay active");
+            "refused"
+        }
+    };
+    metrics
+        .rule_reloads
+        .get_or_create(&crate::metrics::ResultLabels { result })
+        .inc();
 }
 
 /// Starts watching; the task ends when aborted. Without a rule file it only waits.
-pub fn spawn(monitor: Arc<Monitor>) -> tokio::task::JoinHandle<()> {
+pub fn spawn(monitor: Arc<Monitor>, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let Some(path) = monitor.rules_path().map(|p| p.to_owned()) else {
             return;
@@ -79,9 +92,9 @@ pub fn spawn(monitor: Arc<Monitor>) -> tokio::task::JoinHandle<()> {
             tokio::select! {
                 changed = rx.recv() => {
                     if changed.is_none() { break; }
-                    reload(&monitor, "file change");
+                    reload(&monitor, &metrics, "file change");
                 }
-                _ = sighup => reload(&monitor, "SIGHUP"),
+                _ = sighup => reload(&monitor, &metrics, "SIGHUP"),
             }
         }
     })

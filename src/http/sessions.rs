@@ -13,6 +13,7 @@ use super::error::ApiError;
 use super::extract::{App, JsonBody};
 use crate::enrich::ClientInfo;
 use crate::risk::{Observation, decayed_risk};
+use crate::session::SessionError;
 use crate::session::input::{AuthContext, Client, ClientBody, Subject};
 use crate::store::SessionRecord;
 
@@ -61,8 +62,20 @@ async fn refresh(
     JsonBody(body): JsonBody<RefreshBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     let client = Client::parse(&body.client)?;
-    let pair = state.sessions.refresh(&body.refresh_token, &client).await?;
-    Ok(Json(pair))
+    let started = std::time::Instant::now();
+    let result = state.sessions.refresh(&body.refresh_token, &client).await;
+    let decision = match &result {
+        Ok(_) => "allow",
+        Err(SessionError::Denied(_)) => "deny",
+        Err(SessionError::StepUpRequired(_)) => "step_up",
+        Err(SessionError::RiskRevoked(_) | SessionError::RefreshReuse) => "revoke",
+        Err(SessionError::InvalidGrant(_)) => "invalid",
+        Err(_) => "error",
+    };
+    state
+        .metrics
+        .answered("refresh", decision, started.elapsed().as_secs_f64());
+    Ok(Json(result?))
 }
 
 #[derive(Deserialize)]

@@ -175,11 +175,16 @@ async fn verify(
     JsonBody(body): JsonBody<VerifyBody>,
 ) -> Result<Json<Decision>, ApiError> {
     body.request.validate()?;
+    let started = std::time::Instant::now();
     let verdict = state
         .sessions
         .verify(&body.token, &body.request.info())
         .await?;
-    Ok(Json(decide(verdict)))
+    let d = decide(verdict);
+    state
+        .metrics
+        .answered("verify", d.decision, started.elapsed().as_secs_f64());
+    Ok(Json(d))
 }
 
 /// Identity headers the gateway copies upstream.
@@ -292,6 +297,7 @@ async fn forward_auth(
         );
         return r;
     };
+    let started = std::time::Instant::now();
     let client = client_ip(peer_ip, &headers, &state.trusted_proxies);
     let verdict = match state
         .sessions
@@ -302,6 +308,9 @@ async fn forward_auth(
         Err(e) => return ApiError::from(e).into_response(),
     };
     let d = decide(verdict);
+    state
+        .metrics
+        .answered("forward_auth", d.decision, started.elapsed().as_secs_f64());
     match d.decision {
         "allow" => {
             let mut r = StatusCode::OK.into_response();

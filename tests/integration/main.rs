@@ -6,6 +6,7 @@ mod cluster;
 mod enrich;
 mod events;
 mod interop;
+mod metrics;
 mod nodes;
 mod risk;
 mod store;
