@@ -45,6 +45,39 @@ enum Command {
     /// Audit events.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Re-evaluate recorded events (NDJSON) under candidate rules and report what changes
+    /// against a baseline rule set, or against the decisions recorded in the events.
+    Replay {
+        /// The candidate rule file.
+        #[arg(long)]
+        rules: PathBuf,
+        /// The rule file to compare with (default: the recorded decisions).
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// `text` tables or `json` for tools.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Also write every replayed event, with the candidate's decision, to this file.
+        #[arg(long)]
+        emit: Option<PathBuf>,
+        /// Report bad lines and go on instead of stopping at the first.
+        #[arg(long)]
+        skip_bad_lines: bool,
+        /// City database for events recorded without enrichment.
+        #[arg(long, env = "TOKENWARDEN_GEOIP_CITY")]
+        geoip_city: Option<PathBuf>,
+        /// ASN database for events recorded without enrichment.
+        #[arg(long, env = "TOKENWARDEN_GEOIP_ASN")]
+        geoip_asn: Option<PathBuf>,
+        /// The events, one JSON object a line (`-` for standard input).
+        events: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +114,17 @@ enum RulesCommand {
     Test {
         /// A case file or a directory of them, e.g. rules/tests.
         path: PathBuf,
+    },
+    /// Show, for one recorded event, every rule's evaluation: what it saw, whether it
+    /// fired, its points and why. The events before it build the state it meets.
+    Explain {
+        #[arg(long)]
+        rules: PathBuf,
+        /// The line of the event to explain (default: the last).
+        #[arg(long, default_value_t = 0)]
+        line: usize,
+        /// An events file (NDJSON) or a file holding one event.
+        events: PathBuf,
     },
 }
 
@@ -260,6 +304,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::Ok(())
             })
         }
+        Command::Replay {
+            rules,
+            baseline,
+            format,
+            emit,
+            skip_bad_lines,
+            geoip_city,
+            geoip_asn,
+            events,
+        } => replay_command(ReplayArgs {
+            rules,
+            baseline,
+            format,
+            emit,
+            skip_bad_lines,
+            geoip_city,
+            geoip_asn,
+            events,
+        }),
+        Command::Rules(RulesCommand::Explain {
+            rules,
+            line,
+            events,
+        }) => {
+            let rules = crate::risk::RuleSet::load(&rules).map_err(|e| anyhow::anyhow!(e))?;
+            let ua = crate::enrich::UaParser::new()?;
+            let input = open_input(&events)?;
+            let text = crate::replay::explain(input, rules, line, &ua, None)
+                .map_err(|b| anyhow::anyhow!("{}:{}: {}", events.display(), b.line, b.message))?;
+            print!("{text}");
+            Ok(())
+        }
         Command::Keys(KeysCommand::Generate { alg, out }) => {
             let key = generate(alg)?;
             match out {
@@ -307,4 +383,103 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutting down: draining in-flight requests");
+}
+
+struct ReplayArgs {
+    rules: PathBuf,
+    baseline: Option<PathBuf>,
+    format: Format,
+    emit: Option<PathBuf>,
+    skip_bad_lines: bool,
+    geoip_city: Option<PathBuf>,
+    geoip_asn: Option<PathBuf>,
+    events: PathBuf,
+}
+
+fn open_input(path: &Path) -> anyhow::Result<Box<dyn std::io::BufRead>> {
+    if path == Path::new("-") {
+        return Ok(Box::new(std::io::BufReader::new(std::io::stdin())));
+    }
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, file)))
+}
+
+fn replay_command(a: ReplayArgs) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let candidate = crate::risk::RuleSet::load(&a.rules).map_err(|e| anyhow::anyhow!(e))?;
+    let baseline = a
+        .baseline
+        .as_deref()
+        .map(crate::risk::RuleSet::load)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let ua = Arc::new(crate::enrich::UaParser::new()?);
+    let geo = if a.geoip_city.is_some() || a.geoip_asn.is_some() {
+        Some(crate::enrich::Enricher::new(
+            crate::enrich::EnrichConfig {
+                geoip_city: a.geoip_city,
+                geoip_asn: a.geoip_asn,
+                ..crate::enrich::EnrichConfig::default()
+            },
+            ua.clone(),
+        )?)
+    } else {
+        None
+    };
+    let mut emit_file = a
+        .emit
+        .as_deref()
+        .map(|p| std::fs::File::create(p).with_context(|| format!("cannot write {}", p.display())))
+        .transpose()?
+        .map(|f| std::io::BufWriter::with_capacity(1 << 20, f));
+    let on_error = if a.skip_bad_lines {
+        crate::replay::OnError::Skip
+    } else {
+        crate::replay::OnError::Stop
+    };
+    let show_progress = std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let report = crate::replay::replay(
+        open_input(&a.events)?,
+        candidate,
+        baseline,
+        crate::replay::ReplayContext {
+            ua: &ua,
+            geo: geo.as_ref(),
+            on_error,
+        },
+        emit_file.as_mut().map(|w| w as &mut dyn Write),
+        |n| {
+            if show_progress && n % 100_000 == 0 {
+                eprint!("\rreplayed {n} lines…");
+            }
+        },
+    )
+    .map_err(|b| {
+        anyhow::anyhow!(
+            "{}:{}: {} (use --skip-bad-lines to report bad lines and go on)",
+            a.events.display(),
+            b.line,
+            b.message
+        )
+    })?;
+    if let Some(mut w) = emit_file {
+        w.flush()?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if show_progress {
+        eprintln!();
+    }
+    eprintln!(
+        "{} events in {:.2} s ({:.0} events/s)",
+        report.events,
+        secs,
+        report.events as f64 / secs.max(1e-9)
+    );
+    match a.format {
+        Format::Text => print!("{}", report.render()),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(())
 }

@@ -21,6 +21,8 @@ pub mod http;
 pub mod metrics;
 /// The live risk engine: active rules, enrichment, rate limiters, session and user state.
 pub mod monitor;
+/// Replay of recorded events under candidate rules, with a diff against a baseline.
+pub mod replay;
 /// In-memory revocation state read by every verification (no database on the hot path).
 pub mod revocation;
 /// The risk engine: rule files, detectors, scoring (a pure function) and per-session state.

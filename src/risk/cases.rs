@@ -21,16 +21,13 @@
 //! not_fires = []                       # rules that must not fire
 //! ```
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::state::{SessionState, UserState, assess};
-use super::{Decision, RateLimiters, RequestContext, RequestKind, RuleSet};
-use crate::clock::ManualClock;
+use super::sim::{RequestFields, Scored, Simulator};
+use super::{Decision, RequestKind, RuleSet};
 use crate::enrich::{ClientInfo, Location, UaParser, network_prefix};
 
 #[derive(Debug, Deserialize)]
@@ -139,83 +136,59 @@ pub fn run_file(path: &Path, ua: &UaParser) -> Result<CaseReport, String> {
     let case: CaseFile = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let rules_path = path.parent().unwrap_or(Path::new(".")).join(&case.rules);
     let rules = RuleSet::load(&rules_path).map_err(|e| e.to_string())?;
-    let clock = Arc::new(ManualClock::at(0));
-    let limiters = RateLimiters::new(clock.clone(), 100_000);
-    let mut sessions: HashMap<String, SessionState> = HashMap::new();
-    let mut users: HashMap<String, UserState> = HashMap::new();
-    let mut revoked: Vec<String> = Vec::new();
+    let mut sim = Simulator::new(rules);
     let mut failures = Vec::new();
 
     for (i, step) in case.steps.iter().enumerate() {
         let n = i + 1;
         let at_ms =
             parse_time(&step.at).map_err(|e| format!("{}: step {n}: {e}", path.display()))?;
-        clock.set_millis(at_ms);
         let info = client(step, ua);
-        let user = users.entry(step.subject.clone()).or_default();
         let (decision, fired) = match step.event {
             Event::Open => {
-                user.learn(&info);
-                let state = SessionState::opened(&step.subject, info, at_ms);
-                user.last = state.recent.back().cloned();
-                sessions.insert(step.session.clone(), state);
+                sim.open(at_ms, &step.session, &step.subject, info);
                 (Decision::Allow, Vec::new())
             }
             Event::Reauth => {
-                user.learn(&info);
-                revoked.retain(|s| s != &step.session);
-                let session = sessions
-                    .entry(step.session.clone())
-                    .or_insert_with(|| SessionState::new(&step.subject, None));
-                session.rebind(info, at_ms);
-                user.last = session.recent.back().cloned();
+                sim.reauth(at_ms, &step.session, &step.subject, info);
                 (Decision::Allow, Vec::new())
             }
             Event::Request | Event::Refresh | Event::RefreshReuse => {
-                if revoked.contains(&step.session) {
-                    (Decision::Revoke, Vec::new())
+                let kind = if step.event == Event::Request {
+                    RequestKind::Request
                 } else {
-                    let Some(session) = sessions.get_mut(&step.session) else {
+                    RequestKind::Refresh
+                };
+                let fields = RequestFields {
+                    method: step.method.as_deref(),
+                    path: step.path.as_deref(),
+                    referrer: step.referrer.as_deref(),
+                    origin: step.origin.as_deref(),
+                    sec_fetch_site: step.sec_fetch_site.as_deref(),
+                    cost: step.cost,
+                };
+                let reused = step.event == Event::RefreshReuse;
+                match sim.request(
+                    at_ms,
+                    kind,
+                    &step.session,
+                    &step.subject,
+                    &info,
+                    fields,
+                    reused,
+                ) {
+                    Scored::Evaluated(e) => (
+                        e.decision,
+                        e.reasons.iter().map(|r| r.rule.clone()).collect(),
+                    ),
+                    Scored::Revoked => (Decision::Revoke, Vec::new()),
+                    Scored::UnknownSession => {
                         return Err(format!(
                             "{}: step {n}: session {:?} was never opened",
                             path.display(),
                             step.session
                         ));
-                    };
-                    let ctx = RequestContext {
-                        kind: if step.event == Event::Request {
-                            RequestKind::Request
-                        } else {
-                            RequestKind::Refresh
-                        },
-                        at_ms,
-                        client: &info,
-                        method: step.method.as_deref(),
-                        path: step.path.as_deref(),
-                        referrer: step.referrer.as_deref(),
-                        origin: step.origin.as_deref(),
-                        sec_fetch_site: step.sec_fetch_site.as_deref(),
-                        cost: step.cost.unwrap_or(1).max(1),
-                        jti: "case",
-                        sid: &step.session,
-                        sub: &step.subject,
-                        refresh_reused: step.event == Event::RefreshReuse,
-                    };
-                    let e = assess(&rules, &limiters, &ctx, session, user);
-                    let fired: Vec<String> = e.reasons.iter().map(|r| r.rule.clone()).collect();
-                    match e.decision {
-                        Decision::Revoke => revoked.push(step.session.clone()),
-                        Decision::RevokeUser => {
-                            revoked.extend(
-                                sessions
-                                    .iter()
-                                    .filter(|(_, s)| s.subject == step.subject)
-                                    .map(|(k, _)| k.clone()),
-                            );
-                        }
-                        _ => {}
                     }
-                    (e.decision, fired)
                 }
             }
         };

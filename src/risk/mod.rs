@@ -9,6 +9,7 @@ pub mod geo;
 pub mod message;
 pub mod rate;
 pub mod rules;
+pub mod sim;
 pub mod state;
 
 use std::collections::BTreeMap;

@@ -8,6 +8,7 @@ mod events;
 mod interop;
 mod metrics;
 mod nodes;
+mod replay;
 mod risk;
 mod store;
 mod support;
