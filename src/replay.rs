@@ -72,6 +72,14 @@ pub struct Report {
 
 const SAMPLES: usize = 3;
 
+/// Updates the map's entry for `key`, allocating the key only when it is new.
+fn counter<V: Default>(map: &mut BTreeMap<String, V>, key: &str, update: impl FnOnce(&mut V)) {
+    match map.get_mut(key) {
+        Some(v) => update(v),
+        None => update(map.entry(key.to_owned()).or_default()),
+    }
+}
+
 /// The client an event describes: its recorded enrichment, or a fresh lookup.
 pub fn client_of(e: &Event, ua: &UaParser, geo: Option<&Enricher>) -> Option<ClientInfo> {
     let ip: IpAddr = e.ip.as_deref()?.trim().parse().ok()?;
@@ -282,40 +290,47 @@ pub fn replay(
         };
         let Some(b) = b else { continue };
         report.scored += 1;
-        report.decisions.entry(b.as_str().to_owned()).or_default().0 += 1;
-        report.decisions.entry(c.as_str().to_owned()).or_default().1 += 1;
+        // Counting allocates a key only the first time it is seen (millions of events).
+        counter(&mut report.decisions, b.as_str(), |d| d.0 += 1);
+        counter(&mut report.decisions, c.as_str(), |d| d.1 += 1);
+        let empty = Vec::new();
         let candidate_reasons = match &cand_scored {
-            Scored::Evaluated(e) => e.reasons.clone(),
-            _ => Vec::new(),
+            Scored::Evaluated(e) => &e.reasons,
+            _ => &empty,
         };
         let baseline_reasons = match &base_scored {
-            Some(Scored::Evaluated(e)) => e.reasons.clone(),
-            Some(_) => Vec::new(),
-            None => event.reasons.clone(),
+            Some(Scored::Evaluated(e)) => &e.reasons,
+            Some(_) => &empty,
+            None => &event.reasons,
         };
-        for r in candidate_reasons
-            .iter()
-            .filter(|r| r.mode != crate::risk::ReasonMode::Suppressed)
-        {
-            let s = report.rules.entry(r.rule.clone()).or_default();
-            s.candidate_fires += 1;
-            s.candidate_points += u64::from(r.points);
+        let counted = |r: &&crate::risk::Reason| r.mode != crate::risk::ReasonMode::Suppressed;
+        for r in candidate_reasons.iter().filter(counted) {
+            counter(&mut report.rules, &r.rule, |s| {
+                s.candidate_fires += 1;
+                s.candidate_points += u64::from(r.points);
+            });
         }
-        for r in baseline_reasons
-            .iter()
-            .filter(|r| r.mode != crate::risk::ReasonMode::Suppressed)
-        {
-            let s = report.rules.entry(r.rule.clone()).or_default();
-            s.baseline_fires += 1;
-            s.baseline_points += u64::from(r.points);
+        for r in baseline_reasons.iter().filter(counted) {
+            counter(&mut report.rules, &r.rule, |s| {
+                s.baseline_fires += 1;
+                s.baseline_points += u64::from(r.points);
+            });
         }
-        let session = event.session_id.clone().unwrap_or_default();
-        let track = tracks.entry(session).or_insert_with(|| Track {
-            subject: event.subject.clone().unwrap_or_default(),
-            baseline: Decision::Allow,
-            candidate: Decision::Allow,
-            samples: Vec::new(),
-        });
+        let session = event.session_id.as_deref().unwrap_or_default();
+        if !tracks.contains_key(session) {
+            tracks.insert(
+                session.to_owned(),
+                Track {
+                    subject: event.subject.clone().unwrap_or_default(),
+                    baseline: Decision::Allow,
+                    candidate: Decision::Allow,
+                    samples: Vec::new(),
+                },
+            );
+        }
+        let Some(track) = tracks.get_mut(session) else {
+            continue;
+        };
         track.baseline = track.baseline.max(b);
         track.candidate = track.candidate.max(c);
         if b != c {
@@ -332,7 +347,7 @@ pub fn replay(
         if let Some(out) = emit.as_deref_mut() {
             let mut replayed = event.clone();
             replayed.decision = Some(c.as_str().to_owned());
-            replayed.reasons = candidate_reasons;
+            replayed.reasons = candidate_reasons.clone();
             if let Scored::Evaluated(e) = &cand_scored {
                 replayed.score = Some(e.score);
                 replayed.session_risk = Some(e.session_risk);

@@ -26,13 +26,15 @@ impl GovernorClock for LimiterClock {
     }
 }
 
+type Params = (u32, Duration, u32);
+
 type Keyed = RateLimiter<String, DashMapStateStore<String>, LimiterClock, NoOpMiddleware<Duration>>;
 
 /// The limiters of every `rate` rule, created on first use.
 pub struct RateLimiters {
     clock: SharedClock,
-    /// Keyed by rule id and parameters, so a changed rule starts afresh.
-    limiters: DashMap<String, Arc<Keyed>>,
+    /// By rule id, with the parameters it was built for.
+    limiters: DashMap<String, (Params, Arc<Keyed>)>,
     max_keys: usize,
 }
 
@@ -46,22 +48,23 @@ impl RateLimiters {
     }
 
     fn limiter(&self, rule_id: &str, rate: &Rate) -> Option<Arc<Keyed>> {
-        let name = format!(
-            "{rule_id}:{}:{}:{}",
-            rate.limit,
-            rate.per.as_millis(),
-            rate.burst
-        );
-        if let Some(l) = self.limiters.get(&name) {
-            return Some(l.clone());
+        if let Some(l) = self.limiters.get(rule_id)
+            && l.0 == (rate.limit, rate.per, rate.burst)
+        {
+            return Some(l.1.clone());
         }
+        // New rule, or its parameters changed on reload: start afresh.
         let period = rate.per.checked_div(rate.limit)?;
         let quota = Quota::with_period(period)?.allow_burst(NonZeroU32::new(rate.burst)?);
         let limiter = Arc::new(RateLimiter::dashmap_with_clock(
             quota,
             LimiterClock(self.clock.clone()),
         ));
-        Some(self.limiters.entry(name).or_insert(limiter).clone())
+        self.limiters.insert(
+            rule_id.to_owned(),
+            ((rate.limit, rate.per, rate.burst), limiter.clone()),
+        );
+        Some(limiter)
     }
 
     /// `Ok` if the request fits the quota, else the seconds until it would.
@@ -87,13 +90,13 @@ impl RateLimiters {
     /// Drops keys whose quota has fully refilled; call periodically.
     pub fn maintain(&self) {
         for l in self.limiters.iter() {
-            l.retain_recent();
-            l.shrink_to_fit();
+            l.1.retain_recent();
+            l.1.shrink_to_fit();
         }
     }
 
     /// Keys held across all limiters.
     pub fn keys(&self) -> usize {
-        self.limiters.iter().map(|l| l.len()).sum()
+        self.limiters.iter().map(|l| l.1.len()).sum()
     }
 }

@@ -8,6 +8,7 @@ use crate::enrich::ClientInfo;
 use crate::risk::rules::{ConcurrentUse, NetworkBy};
 use crate::risk::{Hit, RequestContext, SessionView};
 
+/// The fingerprint, for messages only (comparisons never allocate).
 fn fingerprint(p: &ConcurrentUse, c: &ClientInfo) -> String {
     let net = match p.by {
         NetworkBy::Ip => c.ip.to_string(),
@@ -25,28 +26,43 @@ fn fingerprint(p: &ConcurrentUse, c: &ClientInfo) -> String {
     }
 }
 
+/// Whether two clients have the same fingerprint.
+fn same(p: &ConcurrentUse, a: &ClientInfo, b: &ClientInfo) -> bool {
+    let net = match p.by {
+        NetworkBy::Ip => a.ip == b.ip,
+        NetworkBy::Prefix => a.prefix == b.prefix,
+        NetworkBy::Asn => match (a.asn, b.asn) {
+            (Some(x), Some(y)) => x == y,
+            _ => a.prefix == b.prefix,
+        },
+        NetworkBy::Country => a.country == b.country,
+        NetworkBy::UserAgent => true,
+    };
+    net && (!(p.include_user_agent || p.by == NetworkBy::UserAgent) || a.ua == b.ua)
+}
+
 pub fn evaluate(
     p: &ConcurrentUse,
     ctx: &RequestContext<'_>,
     view: &SessionView<'_>,
 ) -> Option<Hit> {
     let since = ctx.at_ms - p.window_secs.saturating_mul(1000);
-    let current = fingerprint(p, ctx.client);
     let mut seen_current = false;
-    let mut other: Option<String> = None;
+    let mut other: Option<&ClientInfo> = None;
     for obs in view.recent.iter().filter(|o| o.at_ms >= since) {
-        let f = fingerprint(p, &obs.client);
-        if f == current {
+        if same(p, &obs.client, ctx.client) {
             seen_current = true;
         } else if seen_current {
-            other = Some(f);
+            other = Some(&obs.client);
         }
     }
     let other = other?;
     Some(hit(
         ctx,
         format!(
-            "used alternately from {current} and {other} within {}s",
+            "used alternately from {} and {} within {}s",
+            fingerprint(p, ctx.client),
+            fingerprint(p, other),
             p.window_secs
         ),
     ))
