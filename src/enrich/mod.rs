@@ -76,6 +76,24 @@ pub struct ClientInfo {
     pub ua: UaFingerprint,
 }
 
+impl ClientInfo {
+    /// One canonical line for the binding digest: every field the binding rules use.
+    pub fn binding_text(&self) -> String {
+        let loc = self.location.as_ref().map_or_else(String::new, |l| {
+            format!("{:.4},{:.4},{:.0}", l.latitude, l.longitude, l.radius_km)
+        });
+        format!(
+            "ip={}|net={}|asn={}|cc={}|loc={}|ua={}",
+            self.ip,
+            self.prefix,
+            self.asn.map_or_else(String::new, |a| a.to_string()),
+            self.country.as_deref().unwrap_or(""),
+            loc,
+            self.ua.key()
+        )
+    }
+}
+
 /// The enrichment service: GeoIP readers and caches, shared by all requests.
 pub struct Enricher {
     config: EnrichConfig,

@@ -257,7 +257,7 @@ impl SessionService {
             created_at: now,
             last_seen_at: now,
             auth_time: now,
-            binding: binding_digest(&ip, &client.user_agent),
+            binding: binding_digest(&info.binding_text()),
             ip,
             user_agent: client.user_agent.clone(),
             acr: auth.acr.clone(),
@@ -423,7 +423,7 @@ impl SessionService {
         let info = self.monitor.enrich(client.ip, &client.user_agent);
         let request = ReauthRequest {
             session_id: session_id.to_owned(),
-            binding: binding_digest(&ip, &client.user_agent),
+            binding: binding_digest(&info.binding_text()),
             binding_info: serde_json::to_string(&info).ok(),
             seen: Seen {
                 at: now,

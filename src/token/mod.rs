@@ -283,12 +283,10 @@ fn classify_bad_header(token: &str) -> TokenError {
     }
 }
 
-/// A base64url digest (128 bits) of the client a session is bound to.
-pub fn binding_digest(ip: &str, user_agent: &str) -> String {
-    let mut input = Vec::with_capacity(ip.len() + user_agent.len() + 1);
-    input.extend_from_slice(ip.as_bytes());
-    input.push(0);
-    input.extend_from_slice(user_agent.as_bytes());
-    let digest = crate::config::sha256(&input);
+/// A base64url digest (128 bits) of the binding a session carries: the canonical
+/// text of its enriched client (IP, prefix, ASN, country, coordinates, user-agent
+/// fingerprint). In the token it makes the binding tamper-evident.
+pub fn binding_digest(canonical: &str) -> String {
+    let digest = crate::config::sha256(canonical.as_bytes());
     URL_SAFE_NO_PAD.encode(&digest[..16])
 }
