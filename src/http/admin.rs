@@ -9,7 +9,7 @@ use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -25,6 +25,8 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/admin/status", get(status))
         .route("/admin/events", get(events))
         .route("/admin/events/stream", get(stream))
+        .route("/admin/rules", get(rules))
+        .route("/admin/rules/reload", post(reload_rules))
         .route_layer(middleware::from_fn_with_state(state, require_admin));
     Router::new()
         .route("/metrics", get(metrics))
@@ -189,4 +191,45 @@ async fn stream(State(state): State<AppState>) -> Result<Response, ApiError> {
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// The active rule set, as validated, with where it came from and its hash.
+async fn rules(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let monitor = state.sessions.monitor();
+    Json(json!({
+        "status": monitor.rules_status(),
+        "rules": *monitor.rules(),
+    }))
+}
+
+/// Re-reads the rule file now (as a change on disk or SIGHUP would).
+async fn reload_rules(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let monitor = state.sessions.monitor();
+    if monitor.rules_path().is_none() {
+        return Err(ApiError::Conflict {
+            code: "no_rule_file",
+            detail: "no rule file is configured (TOKENWARDEN_RULES): the built-in rules cannot be reloaded".into(),
+        });
+    }
+    let (result, outcome) = match monitor.reload_rules() {
+        Ok(Some(_)) => ("loaded", Ok(())),
+        Ok(None) => ("unchanged", Ok(())),
+        Err(e) => ("refused", Err(e)),
+    };
+    state
+        .metrics
+        .rule_reloads
+        .get_or_create(&crate::metrics::ResultLabels { result })
+        .inc();
+    match outcome {
+        Ok(()) => {
+            state.metrics.preset(&monitor.rules());
+            Ok(Json(
+                json!({ "result": result, "status": monitor.rules_status() }),
+            ))
+        }
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "rule file refused, the previous rules stay active: {e}"
+        ))),
+    }
 }
