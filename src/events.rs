@@ -109,6 +109,10 @@ pub struct Event {
     pub detail: Option<String>,
 }
 
+fn without_query(url: &str) -> String {
+    url.split(['?', '#']).next().unwrap_or_default().to_owned()
+}
+
 /// RFC 3339 with milliseconds, UTC.
 pub fn rfc3339_ms(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
@@ -160,8 +164,10 @@ impl Event {
         self.ip = r.ip.map(|ip| ip.to_string());
         self.user_agent = r.user_agent.clone();
         self.method = r.method.clone();
-        self.path = r.path.clone();
-        self.referrer = r.referrer.clone();
+        // Query strings and fragments can carry secrets (tokens in links): never recorded.
+        // Rules only look at path prefixes and the referrer's origin.
+        self.path = r.path.as_deref().map(without_query);
+        self.referrer = r.referrer.as_deref().map(without_query);
         self.origin = r.origin.clone();
         self.sec_fetch_site = r.sec_fetch_site.clone();
         self.cost = r.cost;
@@ -317,5 +323,23 @@ impl EventSink {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_never_reach_the_audit_log() {
+        let r = RequestInfo {
+            path: Some("/reset?token=secret#x".into()),
+            referrer: Some("https://app.example.com/a?code=secret".into()),
+            ..RequestInfo::default()
+        };
+        let e = Event::new(EventKind::Request, 0).request(&r);
+        assert_eq!(e.path.as_deref(), Some("/reset"));
+        assert_eq!(e.referrer.as_deref(), Some("https://app.example.com/a"));
+        assert_eq!(e.ts, "1970-01-01T00:00:00.000Z");
     }
 }
