@@ -310,7 +310,13 @@ impl EventSink {
             // An event that cannot be encoded counts as lost, not silently.
             self.dropped_failed
                 .fetch_add((queued - rows.len()) as u64, Ordering::Relaxed);
-            match store.insert_events(&rows).await {
+            let mut result = store.insert_events(&rows).await;
+            if result.is_err() {
+                // One retry covers a blip (a failover, a lock timeout) without losing the batch.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                result = store.insert_events(&rows).await;
+            }
+            match result {
                 Ok(()) => {
                     self.written.fetch_add(rows.len() as u64, Ordering::Relaxed);
                 }

@@ -203,11 +203,12 @@ impl Metrics {
                 "risk"
             } else if detail.starts_with("logout_all") {
                 "logout_all"
+            } else if detail.starts_with("rfc7009") {
+                "rfc7009"
             } else {
                 match detail {
                     "logout" => "logout",
                     "refresh_reuse" => "refresh_reuse",
-                    "rfc7009" => "rfc7009",
                     _ => "other",
                 }
             };

@@ -334,11 +334,50 @@ impl Monitor {
     }
 
     /// Drops idle rate-limiter keys; call periodically.
-    pub fn maintain(&self) {
+    /// Drops idle rate-limiter keys, and the state of sessions not seen since
+    /// `idle_before_ms` (their tokens have expired; a refresh reloads them from the
+    /// store), and of users with no session left in memory. Call periodically.
+    pub fn maintain(&self, idle_before_ms: i64) {
         self.limiters.maintain();
+        self.sessions.retain(|id, s| {
+            self.dirty.contains_key(id)
+                || s.recent.back().is_some_and(|o| o.at_ms >= idle_before_ms)
+        });
+        let subjects: std::collections::HashSet<String> =
+            self.sessions.iter().map(|s| s.subject.clone()).collect();
+        self.users.retain(|subject, _| subjects.contains(subject));
     }
 
     pub fn sessions_in_memory(&self) -> usize {
         self.sessions.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::enrich::{EnrichConfig, UaParser};
+
+    #[test]
+    fn idle_sessions_and_their_users_leave_memory_but_unwritten_ones_stay() {
+        let clock = Arc::new(ManualClock::at(1_800_000_000));
+        let enricher =
+            Enricher::new(EnrichConfig::default(), Arc::new(UaParser::new().unwrap())).unwrap();
+        let monitor = Monitor::new(None, Arc::new(enricher), clock.clone()).unwrap();
+        let client = monitor.enrich("192.0.2.1".parse().unwrap(), "curl/8");
+        monitor.bind("idle", "alice", client.clone());
+        monitor.bind("busy", "bob", client);
+        clock.advance(std::time::Duration::from_secs(600));
+        let request = RequestInfo::default();
+        assert!(
+            monitor
+                .assess(RequestKind::Request, ("j", "busy", "bob"), &request, false)
+                .is_some()
+        );
+        let _ = monitor.take_dirty();
+        monitor.maintain(clock.now_millis() - 330_000);
+        assert!(!monitor.knows("idle") && !monitor.knows_user("alice"));
+        assert!(monitor.knows("busy") && monitor.knows_user("bob"));
     }
 }

@@ -87,7 +87,11 @@ pub fn client_of(e: &Event, ua: &UaParser, geo: Option<&Enricher>) -> Option<Cli
     let user_agent = e.user_agent.as_deref().unwrap_or("");
     let recorded = e.country.is_some() || e.latitude.is_some() || e.asn.is_some();
     if let (Some(g), false) = (geo, recorded) {
-        return Some(g.enrich(ip, user_agent));
+        let mut c = g.enrich(ip, user_agent);
+        if let Some(fp) = recorded_fingerprint(e) {
+            c.ua = fp;
+        }
+        return Some(c);
     }
     let location = match (e.latitude, e.longitude) {
         (Some(latitude), Some(longitude)) => Some(Location {
@@ -106,7 +110,28 @@ pub fn client_of(e: &Event, ua: &UaParser, geo: Option<&Enricher>) -> Option<Cli
         location,
         asn: e.asn,
         asn_org: None,
-        ua: ua.fingerprint(user_agent),
+        ua: recorded_fingerprint(e).unwrap_or_else(|| ua.fingerprint(user_agent)),
+    })
+}
+
+/// Without a user agent, the fingerprint the live service used (recorded with the
+/// event: the bound browser) stands in, as it did live.
+fn recorded_fingerprint(e: &Event) -> Option<crate::enrich::UaFingerprint> {
+    if e.user_agent.is_some() {
+        return None;
+    }
+    let key = e.ua_fingerprint.as_deref()?;
+    let mut parts = key.split('/');
+    let family = parts.next()?.to_owned();
+    let major = parts.next().filter(|m| *m != "-").map(str::to_owned);
+    let os = parts.next()?.to_owned();
+    let device =
+        serde_json::from_value(serde_json::Value::String(parts.next()?.to_owned())).ok()?;
+    Some(crate::enrich::UaFingerprint {
+        family,
+        major,
+        os,
+        device,
     })
 }
 
@@ -150,8 +175,13 @@ pub fn feed(
     ms: i64,
     client: Option<&ClientInfo>,
 ) -> Option<Scored> {
-    let session = e.session_id.as_deref()?;
     let subject = e.subject.as_deref().unwrap_or("");
+    // "Log out everywhere" names the user, not a session.
+    if external_revocation(e) && e.decision.as_deref() == Some("revoke_user") {
+        sim.revoke_user(subject);
+        return None;
+    }
+    let session = e.session_id.as_deref()?;
     match e.kind {
         EventKind::SessionOpen => {
             sim.open(ms, session, subject, client?.clone());

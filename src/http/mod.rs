@@ -253,7 +253,7 @@ impl Application {
             loop {
                 tick.tick().await;
                 sessions.prune();
-                sessions.monitor().maintain();
+                sessions.maintain();
                 let cutoff = sessions.now().saturating_sub(retention);
                 if let Err(e) = sessions.store().prune_changes(cutoff).await {
                     tracing::warn!(error = %e, "cannot prune the change feed");

@@ -202,35 +202,47 @@ fn header(headers: &HeaderMap, names: &[&str]) -> Option<String> {
 }
 
 /// The client's address: the peer itself, unless the peer is a trusted proxy; then
-/// the rightmost `X-Forwarded-For` address that is not a trusted proxy (or `X-Real-IP`).
+/// the rightmost `X-Forwarded-For` address that is not a trusted proxy.
 fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return peer;
     }
-    let chain: Vec<IpAddr> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map_while(|part| part.trim().parse::<IpAddr>().ok())
-        .map(|ip| ip.to_canonical())
-        .collect();
-    if let Some(ip) = chain.iter().rev().find(|ip| !is_trusted(ip)) {
-        return *ip;
+    // Walk from the right (the hops our proxies appended) and stop at the first
+    // address they did not add. Anything unreadable ends the walk: what lies left
+    // of it was written by the client and is not evidence.
+    let mut last_trusted = peer;
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(value) = value.to_str() else {
+            return last_trusted;
+        };
+        for part in value.rsplit(',') {
+            let Ok(ip) = part.trim().parse::<IpAddr>() else {
+                return last_trusted;
+            };
+            let ip = ip.to_canonical();
+            if !is_trusted(&ip) {
+                return ip;
+            }
+            last_trusted = ip;
+        }
     }
-    header(headers, &["x-real-ip"])
-        .and_then(|v| v.trim().parse::<IpAddr>().ok())
-        .map(|ip| ip.to_canonical())
-        .or_else(|| chain.first().copied())
-        .unwrap_or(peer)
+    last_trusted
 }
 
 /// The protected request as the gateway describes it.
 fn forwarded_request(headers: &HeaderMap, client: IpAddr) -> RequestInfo {
     RequestInfo {
         ip: Some(client),
-        user_agent: header(headers, &["user-agent"]),
+        // The token holder controls this header: missing or unreadable is compared as
+        // an empty user agent, never replaced by the bound one.
+        user_agent: Some(
+            headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.chars().take(MAX_CONTEXT_FIELD).collect())
+                .unwrap_or_default(),
+        ),
         method: header(headers, &["x-original-method", "x-forwarded-method"]),
         path: header(headers, &["x-original-uri", "x-forwarded-uri"]),
         referrer: header(headers, &["referer"]),
@@ -378,5 +390,16 @@ mod tests {
         let mut garbage = HeaderMap::new();
         garbage.insert("x-forwarded-for", HeaderValue::from_static("not-an-ip"));
         assert_eq!(client_ip(proxy, &garbage, &trusted), proxy);
+        // A junk entry on the left cannot hide the address the proxy appended.
+        let mut hiding = HeaderMap::new();
+        hiding.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("x, 203.0.113.66"),
+        );
+        hiding.insert("x-real-ip", HeaderValue::from_static("198.51.100.1"));
+        assert_eq!(
+            client_ip(proxy, &hiding, &trusted).to_string(),
+            "203.0.113.66"
+        );
     }
 }

@@ -477,6 +477,15 @@ impl SessionService {
 
     /// Logs the user out everywhere: every session revoked, every older token dead.
     pub async fn logout_all(&self, subject: &Subject) -> Result<u64, SessionError> {
+        self.logout_all_because(subject, "logout_all").await
+    }
+
+    /// Revokes every session of the subject, recording why (`logout_all`, `risk: …`).
+    async fn logout_all_because(
+        &self,
+        subject: &Subject,
+        reason: &str,
+    ) -> Result<u64, SessionError> {
         let now = self.clock.now();
         let until = now.saturating_add(self.access_ttl());
         let (revoked, generation, until) =
@@ -489,7 +498,7 @@ impl SessionService {
         let mut event = self
             .event(EventKind::Revoke)
             .decision("revoke_user")
-            .detail(format!("logout_all: {revoked} sessions"));
+            .detail(format!("{reason} ({revoked} sessions)"));
         event.subject = Some(subject.as_str().to_owned());
         self.emit(event);
         Ok(revoked)
@@ -569,7 +578,8 @@ impl SessionService {
             }
             Decision::RevokeUser => {
                 let subject_ok = Subject::parse(subject).map_err(|_| SessionError::NotFound)?;
-                self.logout_all(&subject_ok).await?;
+                self.logout_all_because(&subject_ok, &risk_reason(e))
+                    .await?;
                 tracing::warn!(
                     session_id,
                     subject,
@@ -669,6 +679,12 @@ impl SessionService {
                         reason: "rfc7009".to_owned(),
                     })
                     .await?;
+                self.emit(
+                    self.event(EventKind::Revoke)
+                        .session(&claims.sid, &claims.sub)
+                        .decision("revoke")
+                        .detail("rfc7009: access token"),
+                );
                 self.view.apply(Change::JtiRevoked {
                     jti: claims.jti,
                     until: claims.exp,
@@ -780,6 +796,14 @@ impl SessionService {
     /// Drops revocation entries no live token can need (called periodically).
     pub fn prune(&self) {
         self.view.prune(self.clock.now(), self.codec.leeway());
+    }
+
+    /// Bounds the risk state: sessions idle longer than an access token lives are
+    /// dropped from memory (and reloaded from the store if they come back).
+    pub fn maintain(&self) {
+        let idle_ms = (self.access_ttl() + self.codec.leeway()).saturating_mul(1000);
+        self.monitor
+            .maintain(self.clock.now_millis().saturating_sub(idle_ms));
     }
 }
 

@@ -5,6 +5,7 @@
 mod keys;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,6 +17,11 @@ pub use keys::{KeyError, KeySet, check_secret_strength, generate, random_bytes, 
 
 use crate::clock::UnixSeconds;
 use crate::config::TokenSettings;
+
+/// Memory for verified tokens, by weighed size: bounded whatever the claims.
+const VERIFIED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Longer than any access token lives here; tokens are re-verified after it.
+const VERIFIED_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -128,6 +134,10 @@ impl TokenError {
 /// Mints and verifies access tokens with one key set and one policy.
 pub struct TokenCodec {
     keys: KeySet,
+    /// Tokens whose signature and claims already verified, by SHA-256 of the whole
+    /// token: a token seen again skips the signature work. Times are still checked on
+    /// every use (and revocation and rules run after this, as always).
+    verified: moka::sync::Cache<[u8; 32], (Arc<AccessClaims>, u32)>,
     /// One validation per `kid`, each allowing exactly that key's algorithm.
     validations: HashMap<String, Validation>,
     issuer: String,
@@ -163,6 +173,12 @@ impl TokenCodec {
             .collect();
         Self {
             keys,
+            verified: moka::sync::Cache::builder()
+                // Weighed by the token's length, which bounds the claims' size.
+                .weigher(|_, entry: &(Arc<AccessClaims>, u32)| entry.1)
+                .max_capacity(VERIFIED_CACHE_BYTES)
+                .time_to_live(VERIFIED_CACHE_TTL)
+                .build(),
             validations,
             issuer: settings.issuer.clone(),
             audience: settings.audience.clone(),
@@ -198,6 +214,11 @@ impl TokenCodec {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLarge);
         }
+        let digest = crate::config::sha256(token.as_bytes());
+        if let Some((claims, _)) = self.verified.get(&digest) {
+            self.check_times(&claims, now)?;
+            return Ok((*claims).clone());
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| classify_bad_header(token))?;
         if !header.typ.as_deref().is_some_and(|t| {
             t.eq_ignore_ascii_case(ACCESS_TOKEN_TYP) || t.eq_ignore_ascii_case("application/at+jwt")
@@ -215,6 +236,26 @@ impl TokenCodec {
         let data = jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, validation)
             .map_err(|e| map_error(e.into_kind()))?;
         let claims = data.claims;
+        self.check_times(&claims, now)?;
+        for (name, value) in [
+            ("jti", &claims.jti),
+            ("sid", &claims.sid),
+            ("sub", &claims.sub),
+        ] {
+            if value.is_empty() {
+                return Err(TokenError::MissingClaim(name.to_owned()));
+            }
+        }
+        let weight = u32::try_from(token.len().saturating_mul(2) + 256).unwrap_or(u32::MAX);
+        self.verified
+            .insert(digest, (Arc::new(claims.clone()), weight));
+        Ok(claims)
+    }
+}
+
+impl TokenCodec {
+    /// `exp`, `nbf` and `iat` against the injected clock, with the leeway.
+    fn check_times(&self, claims: &AccessClaims, now: UnixSeconds) -> Result<(), TokenError> {
         if now > claims.exp.saturating_add(self.leeway) {
             return Err(TokenError::Expired);
         }
@@ -225,16 +266,7 @@ impl TokenCodec {
         {
             return Err(TokenError::NotYetValid);
         }
-        for (name, value) in [
-            ("jti", &claims.jti),
-            ("sid", &claims.sid),
-            ("sub", &claims.sub),
-        ] {
-            if value.is_empty() {
-                return Err(TokenError::MissingClaim(name.to_owned()));
-            }
-        }
-        Ok(claims)
+        Ok(())
     }
 }
 

@@ -80,6 +80,7 @@ async fn a_token_replayed_from_another_continent_is_stepped_up_then_revoked() {
         .http
         .get(app.url("/v1/forward-auth"))
         .bearer_auth(&token)
+        .header("user-agent", USER_AGENT)
         .send()
         .await
         .unwrap();
