@@ -397,12 +397,61 @@ struct ReplayArgs {
 }
 
 fn open_input(path: &Path) -> anyhow::Result<Box<dyn std::io::BufRead>> {
+    Ok(open_counted(path, Arc::default())?.0)
+}
+
+/// Counts the bytes read through it, for the progress bar.
+struct Counted<R> {
+    inner: R,
+    read: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// The input, and its size when known (a file, not standard input).
+fn open_counted(
+    path: &Path,
+    read: Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<(Box<dyn std::io::BufRead>, Option<u64>)> {
     if path == Path::new("-") {
-        return Ok(Box::new(std::io::BufReader::new(std::io::stdin())));
+        let stdin = Counted {
+            inner: std::io::stdin(),
+            read,
+        };
+        return Ok((Box::new(std::io::BufReader::new(stdin)), None));
     }
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, file)))
+    let size = file.metadata().ok().map(|m| m.len());
+    let counted = Counted { inner: file, read };
+    Ok((
+        Box::new(std::io::BufReader::with_capacity(1 << 20, counted)),
+        size,
+    ))
+}
+
+/// `[#######.............]  35%  1200000 lines` on one rewritten line.
+fn progress_bar(lines: usize, read: u64, size: Option<u64>) -> String {
+    const WIDTH: u64 = 30;
+    match size.filter(|s| *s > 0) {
+        Some(total) => {
+            let done = (read.min(total) * WIDTH / total) as usize;
+            format!(
+                "\r[{}{}] {:>3}%  {lines} lines",
+                "#".repeat(done),
+                ".".repeat(WIDTH as usize - done),
+                read.min(total) * 100 / total
+            )
+        }
+        None => format!("\r{lines} lines"),
+    }
 }
 
 fn replay_command(a: ReplayArgs) -> anyhow::Result<()> {
@@ -439,9 +488,11 @@ fn replay_command(a: ReplayArgs) -> anyhow::Result<()> {
         crate::replay::OnError::Stop
     };
     let show_progress = std::io::stderr().is_terminal();
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (input, size) = open_counted(&a.events, read.clone())?;
     let started = std::time::Instant::now();
     let report = crate::replay::replay(
-        open_input(&a.events)?,
+        input,
         candidate,
         baseline,
         crate::replay::ReplayContext {
@@ -451,8 +502,9 @@ fn replay_command(a: ReplayArgs) -> anyhow::Result<()> {
         },
         emit_file.as_mut().map(|w| w as &mut dyn Write),
         |n| {
-            if show_progress && n % 100_000 == 0 {
-                eprint!("\rreplayed {n} lines…");
+            if show_progress && n % 50_000 == 0 {
+                let bytes = read.load(std::sync::atomic::Ordering::Relaxed);
+                eprint!("{}", progress_bar(n, bytes, size));
             }
         },
     )
@@ -482,4 +534,16 @@ fn replay_command(a: ReplayArgs) -> anyhow::Result<()> {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_progress_bar_shows_the_share_of_the_file_read() {
+        assert_eq!(
+            super::progress_bar(1200, 35, Some(100)),
+            "\r[##########....................]  35%  1200 lines"
+        );
+        assert_eq!(super::progress_bar(7, 10, None), "\r7 lines");
+    }
 }
