@@ -147,31 +147,26 @@ impl Monitor {
     pub fn bind(&self, session_id: &str, subject: &str, client: ClientInfo) {
         let at_ms = self.clock.now_millis();
         let state = SessionState::opened(subject, client, at_ms);
-        let last = state.recent.back().cloned();
+        self.users
+            .entry(subject.to_owned())
+            .or_default()
+            .signed_in(&state);
         self.sessions.insert(session_id.to_owned(), state);
-        let mut user = self.users.entry(subject.to_owned()).or_default();
-        if let Some(obs) = &last {
-            user.learn(&obs.client);
-        }
-        user.last = last;
     }
 
     /// Re-authenticated: new binding, risk and step-up cleared.
     pub fn rebind(&self, session_id: &str, subject: &str, client: ClientInfo) {
         let at_ms = self.clock.now_millis();
-        let last = {
-            let mut session = self
-                .sessions
-                .entry(session_id.to_owned())
-                .or_insert_with(|| SessionState::new(subject, None));
-            session.rebind(client, at_ms);
-            session.recent.back().cloned()
-        };
-        let mut user = self.users.entry(subject.to_owned()).or_default();
-        if let Some(obs) = &last {
-            user.learn(&obs.client);
-        }
-        user.last = last;
+        // Lock order: session, then user (as in `assess`).
+        let mut session = self
+            .sessions
+            .entry(session_id.to_owned())
+            .or_insert_with(|| SessionState::new(subject, None));
+        session.rebind(client, at_ms);
+        self.users
+            .entry(subject.to_owned())
+            .or_default()
+            .signed_in(&session);
     }
 
     /// Rebuilds a session's state (and, the first time, its user's history) from the store.

@@ -79,24 +79,26 @@ impl Simulator {
 
     pub fn open(&mut self, at_ms: i64, session: &str, subject: &str, client: ClientInfo) {
         self.at(at_ms);
-        let user = self.users.entry(subject.to_owned()).or_default();
-        user.learn(&client);
         let state = SessionState::opened(subject, client, at_ms);
-        user.last = state.recent.back().cloned();
+        self.users
+            .entry(subject.to_owned())
+            .or_default()
+            .signed_in(&state);
         self.revoked.remove(session);
         self.sessions.insert(session.to_owned(), state);
     }
 
     pub fn reauth(&mut self, at_ms: i64, session: &str, subject: &str, client: ClientInfo) {
         self.at(at_ms);
-        let user = self.users.entry(subject.to_owned()).or_default();
-        user.learn(&client);
         let state = self
             .sessions
             .entry(session.to_owned())
             .or_insert_with(|| SessionState::new(subject, None));
         state.rebind(client, at_ms);
-        user.last = state.recent.back().cloned();
+        self.users
+            .entry(subject.to_owned())
+            .or_default()
+            .signed_in(state);
         self.revoked.remove(session);
     }
 

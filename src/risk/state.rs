@@ -97,6 +97,17 @@ impl UserState {
     }
 }
 
+impl UserState {
+    /// The user signed in (session opened or re-authenticated): where that happened
+    /// is known-good, and it is the user's latest request.
+    pub fn signed_in(&mut self, session: &SessionState) {
+        if let Some(obs) = session.recent.back() {
+            self.learn(&obs.client);
+            self.last = Some(obs.clone());
+        }
+    }
+}
+
 /// Scores the request against the session and user state, then updates both.
 pub fn assess(
     rules: &RuleSet,

@@ -284,13 +284,7 @@ impl SessionService {
         let (refresh, record) = self.new_refresh(now)?;
         let access = self.mint_for(&session, now, exp)?;
         self.store.create_session(&session, &record).await?;
-        self.emit(
-            self.event(EventKind::SessionOpen)
-                .session(&session.session_id, &session.subject)
-                .request(&client.request_info())
-                .client(&info)
-                .decision("allow"),
-        );
+        self.emit_sign_in(EventKind::SessionOpen, &session, client, &info);
         self.monitor
             .bind(&session.session_id, &session.subject, info);
         Ok(self.pair(&session, access, refresh))
@@ -440,13 +434,7 @@ impl SessionService {
             };
         };
         self.view.apply(session_reauthenticated(&session));
-        self.emit(
-            self.event(EventKind::Reauth)
-                .session(&session.session_id, &session.subject)
-                .request(&client.request_info())
-                .client(&info)
-                .decision("allow"),
-        );
+        self.emit_sign_in(EventKind::Reauth, &session, client, &info);
         self.monitor
             .rebind(&session.session_id, &session.subject, info);
         let access = self.mint_for(&session, now, exp)?;
@@ -787,6 +775,23 @@ impl SessionService {
 
     fn event(&self, kind: EventKind) -> Event {
         Event::new(kind, self.clock.now_millis())
+    }
+
+    /// The event of a sign-in (session opened or re-authenticated): always `allow`.
+    fn emit_sign_in(
+        &self,
+        kind: EventKind,
+        session: &SessionRecord,
+        client: &Client,
+        info: &crate::enrich::ClientInfo,
+    ) {
+        self.emit(
+            self.event(kind)
+                .session(&session.session_id, &session.subject)
+                .request(&client.request_info())
+                .client(info)
+                .decision("allow"),
+        );
     }
 
     fn stale(&self) -> Option<String> {
