@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{APP_KEY, Backend, Keys, TestApp, client, database, s, settings};
+use crate::support::{APP_KEY, Backend, Fixture, Keys, TestApp, client, database, s, settings};
 
 async fn spawn(
     backend: Backend,
@@ -470,11 +470,7 @@ async fn introspection_and_rfc7009_revocation_follow_the_rfcs() {
 
 #[tokio::test]
 async fn signing_keys_rotate_without_logging_anyone_out() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let mut app = TestApp::spawn(settings(&db.url, &keys, "es-1", data.path())).await;
     let before = app.open("alice").await;
     let jwks: Value = app

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::support::{
-    ADMIN_TOKEN, APP_KEY, Backend, Keys, TestApp, USER_AGENT, database, s, settings,
+    ADMIN_TOKEN, APP_KEY, Backend, Fixture, Keys, TestApp, USER_AGENT, database, s, settings,
 };
 
 async fn admin_get(app: &TestApp, path: &str) -> reqwest::Response {
@@ -44,11 +44,7 @@ async fn settled(app: &TestApp) -> Value {
 
 #[tokio::test]
 async fn every_decision_is_recorded_and_exported_without_a_raw_token() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let app = TestApp::spawn(settings(&db.url, &keys, "ed-1", data.path())).await;
     let opened = app.open("alice").await;
     let (access, refresh) = (s(&opened, "access_token"), s(&opened, "refresh_token"));
@@ -132,11 +128,7 @@ async fn every_decision_is_recorded_and_exported_without_a_raw_token() {
 
 #[tokio::test]
 async fn the_live_stream_carries_each_event_as_it_happens() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let app = TestApp::spawn(settings(&db.url, &keys, "ed-1", data.path())).await;
     let mut stream = admin_get(&app, "/admin/events/stream").await;
     assert_eq!(stream.headers()["content-type"], "text/event-stream");

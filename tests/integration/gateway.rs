@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{Backend, Keys, TestApp, USER_AGENT, database, s, settings};
+use crate::support::{Fixture, TestApp, USER_AGENT, s, settings};
 
 struct Proxy(Child);
 
@@ -97,11 +97,7 @@ async fn behind(gateway: Gateway) {
         );
         return;
     };
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut config = settings(&db.url, &keys, "ed-1", data.path());
     config.geoip_city = Some(repo.join("tests/data/geoip/GeoIP2-City-Test.mmdb"));

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::support::{Backend, Keys, T0, TestApp, database, s, settings};
+use crate::support::{Fixture, T0, TestApp, s, settings};
 use crate::tokens::flip_char;
 
 const PYJWT: &str = "PyJWT[crypto]==2.10.1";
@@ -92,11 +92,7 @@ fn run_python(py: &PathBuf, request: &Value) -> Value {
 #[tokio::test]
 async fn tokens_minted_by_pyjwt_verify_and_its_rejections_are_ours() {
     let py = python();
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let app = TestApp::spawn(settings(&db.url, &keys, "ed-1", data.path())).await;
     let opened = app.open("alice").await;
     let ours = s(&opened, "access_token");

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use crate::support::{ADMIN_TOKEN, APP_KEY, Backend, Keys, TestApp, database, s, settings};
+use crate::support::{ADMIN_TOKEN, APP_KEY, Fixture, TestApp, s, settings};
 
 /// Every `tokenwarden_…` name in the dashboards and alert rules, without the
 /// `_total`/`_bucket`/`_sum`/`_count` sample suffixes.
@@ -38,11 +38,7 @@ fn names_in_dashboards() -> BTreeSet<String> {
 
 #[tokio::test]
 async fn every_metric_the_dashboards_use_is_exported() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let mut config = settings(&db.url, &keys, "ed-1", data.path());
     config.geoip_city = Some(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/geoip/GeoIP2-City-Test.mmdb"),

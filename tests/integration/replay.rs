@@ -10,7 +10,7 @@ use tokenwarden::enrich::UaParser;
 use tokenwarden::replay::{OnError, ReplayContext, replay};
 use tokenwarden::risk::RuleSet;
 
-use crate::support::{ADMIN_TOKEN, Backend, Keys, TestApp, USER_AGENT, database, s, settings};
+use crate::support::{ADMIN_TOKEN, Fixture, TestApp, USER_AGENT, s, settings};
 
 fn repo(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
@@ -238,11 +238,7 @@ fn explain_shows_every_rule_and_why_the_decision_was_made() {
 
 #[tokio::test]
 async fn events_exported_from_a_running_server_replay_to_the_same_decisions() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let mut config = settings(&db.url, &keys, "ed-1", data.path());
     config.geoip_city = Some(repo("tests/data/geoip/GeoIP2-City-Test.mmdb"));
     config.rules = Some(repo("rules/default.toml"));

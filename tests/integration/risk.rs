@@ -8,7 +8,7 @@ use mmdb_writer::IpVersion;
 use serde_json::{Value, json};
 
 use crate::enrich::{asn_record, geoip2_city, install, net, writer};
-use crate::support::{APP_KEY, Backend, Keys, TestApp, USER_AGENT, database, s, settings};
+use crate::support::{APP_KEY, Backend, Fixture, Keys, TestApp, USER_AGENT, database, s, settings};
 
 fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -38,11 +38,7 @@ async fn open_from(app: &TestApp, subject: &str, ip: &str) -> Value {
 
 #[tokio::test]
 async fn a_token_replayed_from_another_continent_is_stepped_up_then_revoked() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let mut config = settings(&db.url, &keys, "ed-1", data.path());
     config.geoip_city = Some(repo("tests/data/geoip/GeoIP2-City-Test.mmdb"));
     config.geoip_asn = Some(repo("tests/data/geoip/GeoLite2-ASN-Test.mmdb"));
@@ -123,11 +119,7 @@ async fn a_token_replayed_from_another_continent_is_stepped_up_then_revoked() {
 
 #[tokio::test]
 async fn step_up_survives_a_restart_and_reauth_clears_it() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let mut config = settings(&db.url, &keys, "ed-1", data.path());
     config.geoip_city = Some(repo("tests/data/geoip/GeoIP2-City-Test.mmdb"));
     // Only the flag can step this session up: one rule, and no threshold to accumulate to.
@@ -211,11 +203,7 @@ async fn moving_from_home_wifi_to_the_mobile_carrier_in_the_same_city_is_allowed
 
 #[tokio::test]
 async fn a_burst_over_the_rate_rule_is_denied_with_retry_after() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let mut config = settings(&db.url, &keys, "ed-1", data.path());
     config.rules = Some(repo("rules/tests/fixtures/rate_and_referrer.toml"));
     let app = TestApp::spawn(config).await;
@@ -260,11 +248,7 @@ async fn ready(app: &TestApp) -> Value {
 
 #[tokio::test]
 async fn an_edited_rule_file_is_reloaded_and_a_broken_one_is_refused() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let rules_dir = tempfile::tempdir().unwrap();
     let path = rules_dir.path().join("rules.toml");
     std::fs::write(&path, "[thresholds]\nstep_up = 40\n").unwrap();
@@ -361,11 +345,7 @@ fn a_broken_rule_file_is_reported_with_file_line_and_column() {
 
 #[tokio::test]
 async fn forward_auth_believes_forwarding_headers_only_from_trusted_proxies() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let mut config = settings(&db.url, &keys, "ed-1", data.path());
     config.geoip_city = Some(repo("tests/data/geoip/GeoIP2-City-Test.mmdb"));
     config.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
@@ -416,11 +396,7 @@ async fn forward_auth_believes_forwarding_headers_only_from_trusted_proxies() {
 
 #[tokio::test]
 async fn forward_auth_refuses_peers_outside_the_trusted_proxy_list() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let mut config = settings(&db.url, &keys, "ed-1", data.path());
     config.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
     let app = TestApp::spawn(config).await;
@@ -437,11 +413,7 @@ async fn forward_auth_refuses_peers_outside_the_trusted_proxy_list() {
 
 #[tokio::test]
 async fn the_admin_api_shows_and_reloads_the_rules() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let path = data.path().join("rules.toml");
     std::fs::write(
         &path,

@@ -108,6 +108,25 @@ pub async fn database(backend: Backend) -> Option<TestDb> {
     }
 }
 
+/// A fresh SQLite database, key files and a data folder: what most tests start from.
+pub struct Fixture {
+    pub db: TestDb,
+    pub keys: Keys,
+    pub data: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub async fn sqlite() -> Self {
+        Self {
+            db: database(Backend::Sqlite)
+                .await
+                .expect("SQLite needs no server"),
+            keys: Keys::all(),
+            data: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+}
+
 /// Key files for all three algorithms in one folder.
 pub struct Keys {
     pub dir: tempfile::TempDir,

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokenwarden::config::{FileConfig, Settings};
 use tokenwarden::token::{KeySet, TokenCodec};
 
-use crate::support::{Backend, Keys, TestApp, database, s, settings};
+use crate::support::{Fixture, Keys, TestApp, s, settings};
 
 fn claims_of(token: &str) -> Value {
     let payload = token.split('.').nth(1).unwrap();
@@ -41,11 +41,7 @@ fn unsigned(header: Value, claims: &Value) -> String {
 
 #[tokio::test]
 async fn every_kind_of_bad_token_is_refused_with_its_reason() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let app = TestApp::spawn(settings(&db.url, &keys, "hs-1", data.path())).await;
     let opened = app.open("alice").await;
     let good = s(&opened, "access_token");
@@ -176,11 +172,7 @@ async fn every_kind_of_bad_token_is_refused_with_its_reason() {
 
 #[tokio::test]
 async fn forward_auth_passes_identity_headers_for_a_good_token() {
-    let Some(db) = database(Backend::Sqlite).await else {
-        return;
-    };
-    let keys = Keys::all();
-    let data = tempfile::tempdir().unwrap();
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
     let app = TestApp::spawn(settings(&db.url, &keys, "ed-1", data.path())).await;
     let opened = app.open("alice").await;
     let r = app
