@@ -98,6 +98,138 @@ pub struct FileConfig {
     /// Audit events.
     #[serde(default)]
     pub events: EventsSection,
+    /// How `/v1/forward-auth` reads the gateway's request and answers it.
+    #[serde(default)]
+    pub forward_auth: ForwardAuthSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardAuthSection {
+    /// Cookie that carries the access token when there is no `Authorization` header.
+    pub cookie: Option<String>,
+    /// The app's re-authentication page, for `step_up` answers (absolute or `/path`).
+    pub reauth_url: Option<String>,
+    /// The app's sign-in page, for missing, invalid and revoked tokens.
+    pub login_url: Option<String>,
+    /// Name of the identity header with the subject. Default `X-Auth-Subject`.
+    pub subject_header: Option<String>,
+    /// Name of the identity header with the session id. Default `X-Auth-Session`.
+    pub session_header: Option<String>,
+    /// Name of the identity header with the rounded session risk. Default `X-Auth-Risk`.
+    pub risk_header: Option<String>,
+}
+
+/// Validated `[forward_auth]`: header names are lower-case and legal.
+#[derive(Debug, Clone)]
+pub struct ForwardAuthSettings {
+    pub cookie: Option<String>,
+    pub reauth_url: Option<String>,
+    pub login_url: Option<String>,
+    pub subject_header: String,
+    pub session_header: String,
+    pub risk_header: String,
+}
+
+impl Default for ForwardAuthSettings {
+    fn default() -> Self {
+        Self {
+            cookie: None,
+            reauth_url: None,
+            login_url: None,
+            subject_header: "x-auth-subject".into(),
+            session_header: "x-auth-session".into(),
+            risk_header: "x-auth-risk".into(),
+        }
+    }
+}
+
+fn resolve_forward_auth(f: ForwardAuthSection) -> Result<ForwardAuthSettings, ConfigError> {
+    let defaults = ForwardAuthSettings::default();
+    let header_name = |name: &str, value: Option<String>, default: String| match value {
+        None => Ok(default),
+        Some(v) => {
+            let lower = v.to_ascii_lowercase();
+            let legal = !lower.is_empty()
+                && lower.len() <= 64
+                && lower
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if legal {
+                Ok(lower)
+            } else {
+                Err(invalid(
+                    name,
+                    format!("{v:?} is not a header name (letters, digits, '-', '_'; at most 64)"),
+                ))
+            }
+        }
+    };
+    let url = |name: &str, value: Option<String>| match value {
+        None => Ok(None),
+        Some(v) => {
+            let ok = (v.starts_with('/') && !v.starts_with("//") && !v.starts_with("/\\"))
+                || v.starts_with("https://")
+                || v.starts_with("http://");
+            if ok && v.len() <= 2048 && v.bytes().all(|b| b.is_ascii_graphic()) {
+                Ok(Some(v))
+            } else {
+                Err(invalid(
+                    name,
+                    format!("{v:?} must be an http(s) URL or a path starting with '/'"),
+                ))
+            }
+        }
+    };
+    let cookie = match f.cookie {
+        None => None,
+        Some(c) => {
+            // RFC 6265 cookie-name: an HTTP token.
+            let legal = !c.is_empty()
+                && c.len() <= 64
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !legal {
+                return Err(invalid(
+                    "forward_auth.cookie",
+                    format!("{c:?} is not a cookie name"),
+                ));
+            }
+            Some(c)
+        }
+    };
+    let settings = ForwardAuthSettings {
+        cookie,
+        reauth_url: url("forward_auth.reauth_url", f.reauth_url)?,
+        login_url: url("forward_auth.login_url", f.login_url)?,
+        subject_header: header_name(
+            "forward_auth.subject_header",
+            f.subject_header,
+            defaults.subject_header,
+        )?,
+        session_header: header_name(
+            "forward_auth.session_header",
+            f.session_header,
+            defaults.session_header,
+        )?,
+        risk_header: header_name(
+            "forward_auth.risk_header",
+            f.risk_header,
+            defaults.risk_header,
+        )?,
+    };
+    let names = [
+        &settings.subject_header,
+        &settings.session_header,
+        &settings.risk_header,
+    ];
+    if names[0] == names[1] || names[0] == names[2] || names[1] == names[2] {
+        return Err(invalid(
+            "forward_auth",
+            "subject_header, session_header and risk_header must differ",
+        ));
+    }
+    Ok(settings)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -253,6 +385,7 @@ pub struct Settings {
     pub keys: Vec<KeyEntry>,
     pub cluster: ClusterSettings,
     pub events: EventsSettings,
+    pub forward_auth: ForwardAuthSettings,
 }
 
 /// The environment variables we read, each overriding the file key of the same meaning.
@@ -474,6 +607,7 @@ impl Settings {
             return Err(invalid("events.queue", "must be between 1 and 10000000"));
         }
         let tokens = resolve_tokens(file.tokens)?;
+        let forward_auth = resolve_forward_auth(file.forward_auth)?;
         let mut kids = std::collections::HashSet::new();
         for key in &file.keys {
             if key.kid.is_empty() || key.kid.len() > 64 {
@@ -512,6 +646,7 @@ impl Settings {
             keys: file.keys,
             cluster,
             events,
+            forward_auth,
         })
     }
 }
@@ -805,6 +940,32 @@ mod tests {
         assert_eq!(file.apps.len(), 1);
         assert_eq!(file.keys.len(), 2);
         assert_eq!(file.tokens.signing_kid.as_deref(), Some("2026-11"));
+    }
+
+    #[test]
+    fn forward_auth_names_and_urls_are_checked() {
+        let parse = |text: &str| {
+            toml::from_str::<FileConfig>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|f| Settings::resolve(f, &BTreeMap::new()).map_err(|e| e.to_string()))
+        };
+        let s = parse(
+            "[forward_auth]\ncookie = \"tw_at\"\nreauth_url = \"/reauth\"\nsubject_header = \"X-User\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.forward_auth.cookie.as_deref(), Some("tw_at"));
+        assert_eq!(s.forward_auth.subject_header, "x-user");
+        assert_eq!(s.forward_auth.session_header, "x-auth-session");
+        for bad in [
+            "[forward_auth]\ncookie = \"a b\"\n",
+            "[forward_auth]\nreauth_url = \"//evil.example/\"\n",
+            "[forward_auth]\nlogin_url = \"javascript:alert(1)\"\n",
+            "[forward_auth]\nrisk_header = \"X Risk\"\n",
+            "[forward_auth]\nrisk_header = \"x-auth-subject\"\n",
+            "[forward_auth]\ncolor = \"red\"\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} must be refused");
+        }
     }
 
     #[test]

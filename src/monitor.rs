@@ -197,11 +197,15 @@ impl Monitor {
             .and_then(|l| serde_json::from_str::<Observation>(l).ok())
             .filter(|l| state.recent.back().is_none_or(|b| l.at_ms > b.at_ms))
         {
-            state.recent.push_back(last);
+            // Only requests that were let through are written behind.
+            state.allowed(last);
         }
         state.risk = session.risk;
         state.risk_at_ms = session.risk_at;
         state.step_up = session.state == STATE_STEP_UP;
+        if state.step_up {
+            state.step_up_message = session.step_up_message.clone();
+        }
         self.sessions
             .entry(session.session_id.clone())
             .or_insert(state);
@@ -216,6 +220,7 @@ impl Monitor {
     pub fn clear_step_up(&self, session_id: &str) {
         if let Some(mut s) = self.sessions.get_mut(session_id) {
             s.step_up = false;
+            s.step_up_message = None;
         }
     }
 
@@ -316,7 +321,9 @@ impl Monitor {
             .filter_map(|id| {
                 self.dirty.remove(&id);
                 let s = self.sessions.get(&id)?;
-                let last = s.recent.back()?;
+                // The last sure sighting: a refused request must not become the
+                // baseline of a node that reloads the session.
+                let last = s.last_allowed.as_ref()?;
                 Some(LastSeen {
                     at: last.at_ms.div_euclid(1000),
                     observation: serde_json::to_string(last).ok()?,

@@ -5,6 +5,7 @@
 mod admin;
 mod error;
 mod extract;
+mod forward_auth;
 mod health;
 mod oauth;
 mod reload;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub feed: Option<Arc<Feed>>,
     /// Peers whose forwarding headers are believed; when set, the only forward-auth callers.
     pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
+    /// How forward-auth reads the token and names its answers.
+    pub forward_auth: Arc<forward_auth::ForwardAuth>,
     pub apps: Arc<Vec<AppCredential>>,
     pub admin_token: Option<Arc<Secret>>,
 }
@@ -189,6 +192,10 @@ impl Application {
             metrics_open: settings.metrics_open,
             feed,
             trusted_proxies: Arc::new(settings.trusted_proxies.clone()),
+            forward_auth: Arc::new(
+                forward_auth::ForwardAuth::new(settings.forward_auth.clone())
+                    .map_err(anyhow::Error::msg)?,
+            ),
             sessions: Arc::new(sessions),
             apps: Arc::new(apps),
             admin_token: settings.admin_token.clone().map(Arc::new),

@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -22,7 +22,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/sessions", post(open))
         .route("/v1/sessions/refresh", post(refresh))
         .route("/v1/sessions/{session_id}/reauth", post(reauth))
-        .route("/v1/sessions/{session_id}", delete(logout))
+        .route("/v1/sessions/{session_id}", get(show).delete(logout))
         .route("/v1/users/{subject}/sessions", get(list).delete(logout_all))
 }
 
@@ -164,7 +164,27 @@ fn session_view(s: &SessionRecord, now_ms: i64, half_life_secs: f64) -> serde_js
         "state": s.state,
         "revoked_at": s.revoked_at.map(rfc3339),
         "revoked_reason": s.revoked_reason,
+        "subject": s.subject,
+        "step_up_message": s.step_up_message,
     })
+}
+
+/// One session, for the app's re-authentication page: its state and, when it must
+/// re-authenticate, the message that says why.
+async fn show(
+    _app: App,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = session_id(&id)?;
+    let session = state
+        .sessions
+        .get(id)
+        .await?
+        .ok_or(ApiError::NotFound("no such session"))?;
+    let now_ms = state.sessions.now().saturating_mul(1000);
+    let half_life = state.sessions.monitor().rules().risk_half_life_secs;
+    Ok(Json(session_view(&session, now_ms, half_life)))
 }
 
 async fn list(

@@ -124,9 +124,9 @@ pub struct Observation {
 pub struct SessionView<'a> {
     /// The client the session was issued to (or last re-authenticated from).
     pub binding: Option<&'a ClientInfo>,
-    /// This session's previous request.
+    /// This session's last request that was let through (or its sign-in).
     pub last: Option<&'a Observation>,
-    /// The user's previous request in any session.
+    /// The user's last request let through, in any session.
     pub user_last: Option<&'a Observation>,
     /// This session's recent requests, oldest first (bounded).
     pub recent: &'a [Observation],
@@ -135,6 +135,8 @@ pub struct SessionView<'a> {
     pub risk: f64,
     pub risk_at_ms: i64,
     pub step_up: bool,
+    /// Why the session was asked to re-authenticate, told again until it does.
+    pub step_up_message: Option<&'a str>,
 }
 
 /// How a reason took part in the decision.
@@ -344,7 +346,7 @@ pub fn evaluate(
         _ => Some(message.map(|(_, m)| m).unwrap_or_else(|| {
             match decision {
                 Decision::Deny => DEFAULT_DENY_MESSAGE,
-                Decision::StepUp => DEFAULT_STEP_UP_MESSAGE,
+                Decision::StepUp => view.step_up_message.unwrap_or(DEFAULT_STEP_UP_MESSAGE),
                 _ => DEFAULT_REVOKE_MESSAGE,
             }
             .to_owned()

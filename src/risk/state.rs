@@ -26,6 +26,15 @@ pub struct SessionState {
     pub risk: f64,
     pub risk_at_ms: i64,
     pub step_up: bool,
+    /// The user message of the decision that asked for re-authentication: what the
+    /// user is told on every request until they re-authenticate.
+    #[serde(default)]
+    pub step_up_message: Option<String>,
+    /// The last request that was let through (or the sign-in): where the session's
+    /// owner was last seen for sure. Refused requests never move it, so a thief's
+    /// request from afar does not make the owner's next request look like travel.
+    #[serde(default)]
+    pub last_allowed: Option<Observation>,
 }
 
 impl SessionState {
@@ -41,7 +50,7 @@ impl SessionState {
     /// and concurrent-use checks start from the sign-in).
     pub fn opened(subject: &str, binding: ClientInfo, at_ms: i64) -> Self {
         let mut s = Self::new(subject, Some(binding.clone()));
-        s.remember(Observation {
+        s.allowed(Observation {
             at_ms,
             client: binding,
         });
@@ -54,10 +63,17 @@ impl SessionState {
         self.risk = 0.0;
         self.risk_at_ms = at_ms;
         self.step_up = false;
-        self.remember(Observation {
+        self.step_up_message = None;
+        self.allowed(Observation {
             at_ms,
             client: binding,
         });
+    }
+
+    /// A request that was let through: remembered, and the new last sure sighting.
+    pub fn allowed(&mut self, observation: Observation) {
+        self.last_allowed = Some(observation.clone());
+        self.remember(observation);
     }
 
     fn remember(&mut self, observation: Observation) {
@@ -101,7 +117,7 @@ impl UserState {
     /// The user signed in (session opened or re-authenticated): where that happened
     /// is known-good, and it is the user's latest request.
     pub fn signed_in(&mut self, session: &SessionState) {
-        if let Some(obs) = session.recent.back() {
+        if let Some(obs) = &session.last_allowed {
             self.learn(&obs.client);
             self.last = Some(obs.clone());
         }
@@ -123,7 +139,7 @@ pub fn assess(
         let recent = session.recent.as_slices().0;
         let view = SessionView {
             binding: session.binding.as_ref(),
-            last: recent.last(),
+            last: session.last_allowed.as_ref(),
             user_last: user.last.as_ref(),
             recent,
             known_countries: user.countries.as_slices().0,
@@ -131,23 +147,28 @@ pub fn assess(
             risk: session.risk,
             risk_at_ms: session.risk_at_ms,
             step_up: session.step_up,
+            step_up_message: session.step_up_message.as_deref(),
         };
         evaluate(rules, limiters, ctx, &view)
     };
     session.risk = evaluation.session_risk;
     session.risk_at_ms = ctx.at_ms;
-    if evaluation.decision == Decision::StepUp {
+    if evaluation.decision == Decision::StepUp && !session.step_up {
         session.step_up = true;
+        session.step_up_message = evaluation.user_message.clone();
     }
     let observation = Observation {
         at_ms: ctx.at_ms,
         client: ctx.client.clone(),
     };
-    session.remember(observation.clone());
-    user.last = Some(observation);
-    // Only requests we let through teach us where the user is.
+    // Only requests we let through say where the user is: a refused request is
+    // remembered (concurrent use sees it) but is nobody's new baseline.
     if evaluation.decision == Decision::Allow {
         user.learn(ctx.client);
+        user.last = Some(observation.clone());
+        session.allowed(observation);
+    } else {
+        session.remember(observation);
     }
     evaluation
 }

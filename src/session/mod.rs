@@ -280,6 +280,7 @@ impl SessionService {
             risk: 0.0,
             risk_at: self.clock.now_millis(),
             last_seen_info: None,
+            step_up_message: None,
         };
         let (refresh, record) = self.new_refresh(now)?;
         let access = self.mint_for(&session, now, exp)?;
@@ -441,6 +442,11 @@ impl SessionService {
         Ok(self.pair(&session, access, refresh))
     }
 
+    /// One session, as stored.
+    pub async fn get(&self, session_id: &str) -> Result<Option<SessionRecord>, SessionError> {
+        Ok(self.store.session(session_id).await?)
+    }
+
     pub async fn list(&self, subject: &Subject) -> Result<Vec<SessionRecord>, SessionError> {
         Ok(self.store.sessions_of(subject.as_str()).await?)
     }
@@ -541,7 +547,12 @@ impl SessionService {
             Decision::StepUp if a.newly_stepped_up => {
                 if let Err(err) = self
                     .store
-                    .set_step_up(session_id, e.session_risk, self.clock.now_millis())
+                    .set_step_up(
+                        session_id,
+                        e.session_risk,
+                        self.clock.now_millis(),
+                        e.user_message.as_deref(),
+                    )
                     .await
                 {
                     // Not durable, so not remembered either: the next request tries again.

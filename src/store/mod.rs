@@ -75,6 +75,8 @@ pub struct SessionRecord {
     pub risk_at: i64,
     /// The last request's observation as JSON (`risk::Observation`), written behind.
     pub last_seen_info: Option<String>,
+    /// Why the session must re-authenticate (set with the step-up state).
+    pub step_up_message: Option<String>,
 }
 
 /// An audit event as stored: the columns it is filtered by, and its JSON line.
@@ -277,12 +279,14 @@ pub trait Store: Send + Sync + 'static {
         valid_until: UnixSeconds,
     ) -> Result<(u64, i64, UnixSeconds), StoreError>;
     async fn revoke_jti(&self, revoked: &RevokedJti) -> Result<(), StoreError>;
-    /// Marks an active session as needing re-authentication, with its risk.
+    /// Marks an active session as needing re-authentication, with its risk and the
+    /// message the user is shown until they re-authenticate.
     async fn set_step_up(
         &self,
         session_id: &str,
         risk: f64,
         risk_at_ms: i64,
+        message: Option<&str>,
     ) -> Result<(), StoreError>;
 
     /// Writes the sessions' last observations and risk (write-behind, one transaction).
@@ -345,6 +349,7 @@ mod tests {
             risk: 0.0,
             risk_at: 0,
             last_seen_info: None,
+            step_up_message: None,
         }
     }
 

@@ -73,8 +73,8 @@ const TOUCH_SESSION: &str = "UPDATE sessions SET last_seen_at = $2, \
 const REVOKE_SESSION: &str = "UPDATE sessions SET state = 'revoked', revoked_at = $2, revoked_reason = $3 WHERE session_id = $1 AND state <> 'revoked' RETURNING *";
 const REAUTH_SESSION: &str = "UPDATE sessions SET ip = $2, user_agent = $3, binding = $4, auth_time = $5, last_seen_at = $5, state = 'active', \
      epoch = epoch + 1, epoch_until = access_exp_max, \
-     access_exp_max = CASE WHEN access_exp_max > $6 THEN access_exp_max ELSE $6 END, binding_info = $7, risk = 0, risk_at = $5 * 1000 WHERE session_id = $1 RETURNING *";
-const SET_STEP_UP: &str = "UPDATE sessions SET state = 'step_up', risk = $2, risk_at = $3 WHERE session_id = $1 AND state = 'active'";
+     access_exp_max = CASE WHEN access_exp_max > $6 THEN access_exp_max ELSE $6 END, binding_info = $7, risk = 0, risk_at = $5 * 1000, step_up_message = NULL WHERE session_id = $1 RETURNING *";
+const SET_STEP_UP: &str = "UPDATE sessions SET state = 'step_up', risk = $2, risk_at = $3, step_up_message = $4 WHERE session_id = $1 AND state = 'active'";
 const BUMP_GENERATION: &str = "INSERT INTO users (subject, generation, valid_until) VALUES ($1, 1, $2) \
      ON CONFLICT (subject) DO UPDATE SET generation = users.generation + 1, \
      valid_until = CASE WHEN users.valid_until > excluded.valid_until THEN users.valid_until ELSE excluded.valid_until END \
@@ -464,12 +464,14 @@ macro_rules! sql_store {
                 session_id: &str,
                 risk: f64,
                 risk_at_ms: i64,
+                message: Option<&str>,
             ) -> Result<(), StoreError> {
                 let mut tx = self.pool.begin_with($dialect.begin_write).await?;
                 let updated = sqlx::query(SET_STEP_UP)
                     .bind(session_id)
                     .bind(risk)
                     .bind(risk_at_ms)
+                    .bind(message)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();

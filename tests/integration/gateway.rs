@@ -110,6 +110,8 @@ async fn behind(gateway: Gateway) {
     .unwrap();
     config.rules = Some(rules);
     config.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    config.forward_auth.reauth_url = Some("/reauth".into());
+    config.forward_auth.login_url = Some("/login".into());
     let app = TestApp::spawn(config).await;
     let tw: SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
     let up = upstream().await;
@@ -149,7 +151,10 @@ async fn behind(gateway: Gateway) {
             .unwrap_or_else(|e| panic!("start {gateway:?}: {e}")),
     );
     let gate = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
     let start = Instant::now();
     while http.get(format!("{gate}/")).send().await.is_err() {
         assert!(
@@ -237,6 +242,49 @@ async fn behind(gateway: Gateway) {
             && challenge.contains("max_age=0"),
         "{challenge}"
     );
+    assert_eq!(
+        r.headers()["x-auth-redirect"],
+        "/reauth?next=/account%3Ftab%3D1",
+        "{gateway:?}: the page for a browser app"
+    );
+
+    // nginx sends a browser navigation to that page itself.
+    if gateway == Gateway::Nginx {
+        let r = http
+            .get(format!("{gate}/account?tab=1"))
+            .bearer_auth(&token)
+            .header("user-agent", USER_AGENT)
+            .header("sec-fetch-mode", "navigate")
+            .header("x-forwarded-for", "216.160.83.56")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 302);
+        assert_eq!(r.headers()["location"], "/reauth?next=/account%3Ftab%3D1");
+        let r = http
+            .get(format!("{gate}/orders"))
+            .header("sec-fetch-mode", "navigate")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                r.status().as_u16(),
+                r.headers()["location"].to_str().unwrap()
+            ),
+            (302, "/login?next=/orders"),
+            "no token: the sign-in page"
+        );
+        // Bad input stays a 400 instead of nginx's 500.
+        let r = http
+            .get(format!("{gate}/account"))
+            .bearer_auth(&token)
+            .header("referer", "r".repeat(5000))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+    }
 
     // A rate burst on another session: 429 with Retry-After, through the gateway.
     let other: Value = app

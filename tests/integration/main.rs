@@ -5,6 +5,7 @@ mod api;
 mod cluster;
 mod enrich;
 mod events;
+mod forward_auth;
 mod gateway;
 mod interop;
 mod metrics;

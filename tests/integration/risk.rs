@@ -118,6 +118,84 @@ async fn a_token_replayed_from_another_continent_is_stepped_up_then_revoked() {
 }
 
 #[tokio::test]
+async fn the_owner_is_told_why_and_reauth_closes_the_door_on_the_thief() {
+    let Fixture { db, keys, data } = Fixture::sqlite().await;
+    let mut config = settings(&db.url, &keys, "ed-1", data.path());
+    config.geoip_city = Some(repo("tests/data/geoip/GeoIP2-City-Test.mmdb"));
+    config.geoip_asn = Some(repo("tests/data/geoip/GeoLite2-ASN-Test.mmdb"));
+    config.rules = Some(repo("rules/default.toml"));
+    let app = TestApp::spawn(config).await;
+    let (london, milton_us) = ("81.2.69.142", "216.160.83.56");
+    let opened = open_from(&app, "alice", london).await;
+    let (token, refresh) = (s(&opened, "access_token"), s(&opened, "refresh_token"));
+    let id = s(&opened, "session_id");
+    assert_eq!(verify_from(&app, &token, london).await["decision"], "allow");
+
+    app.clock.advance(Duration::from_secs(3 * 60));
+    let thief = verify_from(&app, &token, milton_us).await;
+    assert_eq!(thief["decision"], "step_up", "{thief}");
+    let why = thief["user_message"].as_str().unwrap().to_owned();
+
+    // The owner, still in London: asked to confirm, told the same honest reason. The
+    // thief's refused request is not where the owner "was", so no travel is counted.
+    app.clock.advance(Duration::from_secs(60));
+    let owner = verify_from(&app, &token, london).await;
+    assert_eq!(owner["decision"], "step_up", "{owner}");
+    assert_eq!(owner["user_message"], why.as_str());
+    assert_eq!(owner["score"], 0, "{owner}");
+
+    // The app's re-authentication page can read why.
+    let shown: Value = app
+        .http
+        .get(app.url(&format!("/v1/sessions/{id}")))
+        .bearer_auth(APP_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (shown["state"].as_str(), shown["step_up_message"].as_str()),
+        (Some("step_up"), Some(why.as_str()))
+    );
+
+    let r = app
+        .post(
+            &format!("/v1/sessions/{id}/reauth"),
+            json!({"client": {"ip": london, "user_agent": USER_AGENT}}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let fresh: Value = r.json().await.unwrap();
+    assert_eq!(
+        verify_from(&app, &s(&fresh, "access_token"), london).await["decision"],
+        "allow"
+    );
+    // Everything the session had before is dead: the thief's copy of both tokens.
+    let v = verify_from(&app, &token, milton_us).await;
+    assert_eq!(v["decision"], "revoke", "{v}");
+    let r = app
+        .post(
+            "/v1/sessions/refresh",
+            json!({"refresh_token": refresh, "client": {"ip": milton_us, "user_agent": USER_AGENT}}),
+        )
+        .await;
+    assert_eq!(r.status(), 401);
+    let shown: Value = app
+        .http
+        .get(app.url(&format!("/v1/sessions/{id}")))
+        .bearer_auth(APP_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["step_up_message"], Value::Null);
+}
+
+#[tokio::test]
 async fn step_up_survives_a_restart_and_reauth_clears_it() {
     let Fixture { db, keys, data } = Fixture::sqlite().await;
     let mut config = settings(&db.url, &keys, "ed-1", data.path());

@@ -43,6 +43,7 @@ fn session(id: &str, subject: &str, created_at: i64, generation: i64) -> Session
         risk: 0.0,
         risk_at: created_at * 1000,
         last_seen_info: None,
+        step_up_message: None,
     }
 }
 
@@ -229,7 +230,7 @@ async fn every_revocation_is_numbered_in_the_change_feed(backend: Backend) {
     store.revoke_session("s1", "logout", T0 + 2).await.unwrap(); // idempotent: no second change
     store.revoke_user("bob", T0 + 3, T0 + 303).await.unwrap();
     store
-        .set_step_up("s2", 50.0, (T0 + 4) * 1000)
+        .set_step_up("s2", 50.0, (T0 + 4) * 1000, Some("why"))
         .await
         .unwrap(); // revoked: nothing to flag
     let changes = store.changes_since(0, 100).await.unwrap();

@@ -111,6 +111,7 @@ pub(crate) mod fixtures {
             risk: 0.0,
             risk_at_ms: 0,
             step_up: false,
+            step_up_message: None,
         }
     }
 }

@@ -1,0 +1,559 @@
+//! `/v1/forward-auth`: reads the protected request as the gateway describes it and
+//! answers 200 (identity headers), 401 (`invalid_token`, or the RFC 9470 step-up
+//! challenge), 429 or 400.
+//!
+//! Gateway conventions read here:
+//! - nginx `auth_request`: `X-Original-URI`, `X-Original-Method`;
+//! - Traefik `ForwardAuth`, Caddy `forward_auth`: `X-Forwarded-Method`, `-Uri`,
+//!   `-Proto`, `-Host`, `-For`;
+//! - Envoy `ext_authz` (HTTP service): the original path appended to the
+//!   configured `path_prefix` (`/v1/forward-auth/<path>`), the original method.
+//!
+//! Every header that feeds a rule must be present at most once, readable and short:
+//! anything else is answered 400 rather than guessed at, so an oversized or doubled
+//! `Referer` cannot slip past a referrer rule.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, OriginalUri, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use ipnet::IpNet;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+use super::AppState;
+use super::error::{ApiError, bearer_challenge, bearer_challenge_with};
+use super::verify::{Decision, MAX_CONTEXT_FIELD, decide};
+use crate::config::ForwardAuthSettings;
+use crate::monitor::RequestInfo;
+use crate::risk::ReasonMode;
+
+pub const PATH: &str = "/v1/forward-auth";
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(PATH, any(forward_auth))
+        // Envoy ext_authz appends the original path to `path_prefix`.
+        .route("/v1/forward-auth/{*path}", any(forward_auth))
+}
+
+/// `[forward_auth]` with its header names ready to use.
+#[derive(Debug, Clone)]
+pub struct ForwardAuth {
+    pub settings: ForwardAuthSettings,
+    subject: HeaderName,
+    session: HeaderName,
+    risk: HeaderName,
+}
+
+impl ForwardAuth {
+    pub fn new(settings: ForwardAuthSettings) -> Result<Self, String> {
+        let name = |n: &str| HeaderName::from_bytes(n.as_bytes()).map_err(|e| format!("{n}: {e}"));
+        Ok(Self {
+            subject: name(&settings.subject_header)?,
+            session: name(&settings.session_header)?,
+            risk: name(&settings.risk_header)?,
+            settings,
+        })
+    }
+}
+
+/// The header that tells the gateway where to send a browser: the app's
+/// re-authentication or sign-in page, with the request's path as `next`.
+const REDIRECT_HEADER: &str = "x-auth-redirect";
+
+/// The one value of a header, if present. Doubled, unreadable or oversized is an error.
+fn single<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest(format!(
+            "{name}: sent more than once; the request is ambiguous"
+        )));
+    }
+    if first.len() > MAX_CONTEXT_FIELD {
+        return Err(ApiError::BadRequest(format!(
+            "{name}: longer than {MAX_CONTEXT_FIELD} bytes"
+        )));
+    }
+    let value = first
+        .to_str()
+        .map_err(|_| ApiError::BadRequest(format!("{name}: not printable ASCII")))?;
+    Ok(Some(value))
+}
+
+/// The first present header of `names` (gateway conventions), each checked.
+fn one_of<'h>(headers: &'h HeaderMap, names: &[&str]) -> Result<Option<&'h str>, ApiError> {
+    for name in names {
+        if let Some(v) = single(headers, name)? {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
+
+/// Where the access token came from.
+enum Presented<'h> {
+    Token(&'h str),
+    /// No credential at all (RFC 6750 §3.1: challenge without an error code).
+    Nothing,
+}
+
+/// `Authorization: Bearer`, else the configured cookie. Two candidates that
+/// disagree are refused: which one the app would have used is not ours to guess.
+fn presented_token<'h>(
+    headers: &'h HeaderMap,
+    cookie: Option<&str>,
+) -> Result<Presented<'h>, ApiError> {
+    let mut auth = headers.get_all(header::AUTHORIZATION).iter();
+    if let Some(value) = auth.next() {
+        if auth.next().is_some() {
+            return Err(ApiError::BadRequest(
+                "authorization: sent more than once; the request is ambiguous".into(),
+            ));
+        }
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::BadRequest("authorization: not printable ASCII".into()))?;
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            let token = rest.trim();
+            if token.is_empty() || token.contains(' ') {
+                return Err(ApiError::BadRequest(
+                    "authorization: expected \"Bearer <token>\"".into(),
+                ));
+            }
+            return Ok(Presented::Token(token));
+        }
+        // Another scheme (Basic for the app itself, say) is not ours: the cookie may still be.
+    }
+    let Some(name) = cookie else {
+        return Ok(Presented::Nothing);
+    };
+    let mut found: Option<&str> = None;
+    for value in headers.get_all(header::COOKIE) {
+        let Ok(value) = value.to_str() else {
+            continue;
+        };
+        for pair in value.split(';') {
+            let Some((k, v)) = pair.trim().split_once('=') else {
+                continue;
+            };
+            if k != name {
+                continue;
+            }
+            let v = v.trim().trim_matches('"');
+            match found {
+                Some(prev) if prev != v => {
+                    return Err(ApiError::BadRequest(format!(
+                        "cookie {name}: sent twice with different values"
+                    )));
+                }
+                _ => found = Some(v),
+            }
+        }
+    }
+    Ok(match found {
+        Some(t) if !t.is_empty() => Presented::Token(t),
+        _ => Presented::Nothing,
+    })
+}
+
+/// The client's address: the peer itself, unless the peer is a trusted proxy; then
+/// the rightmost `X-Forwarded-For` address that is not a trusted proxy.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    // Walk from the right (the hops our proxies appended) and stop at the first
+    // address they did not add. Anything unreadable ends the walk: what lies left
+    // of it was written by the client and is not evidence.
+    let mut last_trusted = peer;
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(value) = value.to_str() else {
+            return last_trusted;
+        };
+        for part in value.rsplit(',') {
+            let Ok(ip) = part.trim().parse::<IpAddr>() else {
+                return last_trusted;
+            };
+            let ip = ip.to_canonical();
+            if !is_trusted(&ip) {
+                return ip;
+            }
+            last_trusted = ip;
+        }
+    }
+    last_trusted
+}
+
+/// The protected request as the gateway describes it. `envoy_path` is the path
+/// appended to our prefix, if the gateway used that convention.
+fn forwarded_request(
+    headers: &HeaderMap,
+    client: IpAddr,
+    method: &Method,
+    envoy_path: Option<String>,
+) -> Result<RequestInfo, ApiError> {
+    let owned = |v: Option<&str>| v.filter(|v| !v.is_empty()).map(str::to_owned);
+    let path = match one_of(headers, &["x-original-uri", "x-forwarded-uri"])? {
+        Some(p) => Some(p.to_owned()),
+        None => envoy_path,
+    };
+    let method = match one_of(headers, &["x-original-method", "x-forwarded-method"])? {
+        Some(m) => Some(m.to_owned()),
+        // Envoy (and a gateway calling us with the original method) says it this way.
+        None if *method != Method::GET || path.is_some() => Some(method.as_str().to_owned()),
+        None => None,
+    };
+    // Checked for shape even though no rule reads them yet.
+    one_of(headers, &["x-forwarded-proto"])?;
+    one_of(headers, &["x-forwarded-host"])?;
+    Ok(RequestInfo {
+        ip: Some(client),
+        // The token holder controls this header: missing is compared as an empty
+        // user agent, never replaced by the bound one.
+        user_agent: Some(
+            single(headers, "user-agent")?
+                .unwrap_or_default()
+                .to_owned(),
+        ),
+        method,
+        path,
+        referrer: owned(single(headers, "referer")?),
+        origin: owned(single(headers, "origin")?),
+        sec_fetch_site: owned(single(headers, "sec-fetch-site")?),
+        cost: None,
+    })
+}
+
+/// Characters kept as they are in a query value.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');
+
+/// `url?next=<path>`: only a local path is passed on, so the page cannot be
+/// turned into an open redirect.
+fn redirect_to(url: &str, next: Option<&str>) -> Option<HeaderValue> {
+    let next = next.filter(|p| p.starts_with('/') && !p.starts_with("//") && !p.contains('\\'));
+    let value = match next {
+        Some(p) => {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}next={}", utf8_percent_encode(p, QUERY_VALUE))
+        }
+        None => url.to_owned(),
+    };
+    HeaderValue::from_str(&value).ok()
+}
+
+/// What the gateway may pass on to whoever holds the token: the decision, the user
+/// message, the rule ids and where to go. Never the details, which describe the
+/// victim's binding.
+fn problem(
+    status: StatusCode,
+    d: &Decision,
+    challenge: Option<HeaderValue>,
+    next_url: Option<&str>,
+    path: Option<&str>,
+) -> Response {
+    let rules: Vec<&str> = d
+        .reasons
+        .iter()
+        .filter(|r| r.mode == ReasonMode::Enforce)
+        .map(|r| r.rule.as_str())
+        .collect();
+    let key = if d.decision == "step_up" {
+        "reauth_url"
+    } else {
+        "login_url"
+    };
+    let mut body = serde_json::json!({
+        "type": format!("urn:tokenwarden:problem:{}", d.decision),
+        "title": match d.decision { "step_up" => "Re-authentication required", "deny" => "Too many requests", _ => "Invalid token" },
+        "status": status.as_u16(),
+        "decision": d.decision,
+        "user_message": d.user_message,
+        "rules": rules,
+        "retry_after": d.retry_after,
+    });
+    if d.decision != "deny"
+        && let Some(url) = next_url
+    {
+        body[key] = url.into();
+    }
+    let mut r = (status, axum::Json(body)).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Some(c) = challenge {
+        h.insert(header::WWW_AUTHENTICATE, c);
+    }
+    if let Some(secs) = d.retry_after
+        && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+    {
+        h.insert(header::RETRY_AFTER, v);
+    }
+    if d.decision != "deny"
+        && let Some(v) = next_url.and_then(|u| redirect_to(u, path))
+    {
+        h.insert(REDIRECT_HEADER, v);
+    }
+    r
+}
+
+/// 400 with the RFC 6750 `invalid_request` challenge.
+fn bad_request(e: ApiError) -> Response {
+    let detail = match &e {
+        ApiError::BadRequest(d) => d.clone(),
+        _ => String::new(),
+    };
+    let mut r = e.into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        bearer_challenge("invalid_request", &detail),
+    );
+    r
+}
+
+async fn forward_auth(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Response {
+    let peer_ip = peer.ip().to_canonical();
+    if !state.trusted_proxies.is_empty()
+        && !state.trusted_proxies.iter().any(|n| n.contains(&peer_ip))
+    {
+        return ApiError::Forbidden(format!(
+            "{peer_ip} is not a trusted proxy (TOKENWARDEN_TRUSTED_PROXIES)"
+        ))
+        .into_response();
+    }
+    let fa = &state.forward_auth;
+    // Envoy: everything after our prefix is the original path and query.
+    let envoy_path = uri
+        .path()
+        .strip_prefix(PATH)
+        .filter(|rest| rest.starts_with('/'))
+        .map(|rest| match uri.query() {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_owned(),
+        });
+    let client = client_ip(peer_ip, &headers, &state.trusted_proxies);
+    let request = match forwarded_request(&headers, client, &method, envoy_path) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    let token = match presented_token(&headers, fa.settings.cookie.as_deref()) {
+        Ok(Presented::Token(t)) => t,
+        Ok(Presented::Nothing) => {
+            let d = Decision {
+                decision: "invalid",
+                score: 0,
+                session_risk: 0.0,
+                subject: None,
+                session_id: None,
+                jti: None,
+                reasons: Vec::new(),
+                user_message: Some("Please sign in.".into()),
+                retry_after: None,
+                shadow_decision: None,
+                rules_hash: None,
+            };
+            let mut r = problem(
+                StatusCode::UNAUTHORIZED,
+                &d,
+                None,
+                fa.settings.login_url.as_deref(),
+                request.path.as_deref(),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tokenwarden\""),
+            );
+            return r;
+        }
+        Err(e) => return bad_request(e),
+    };
+    let started = std::time::Instant::now();
+    let verdict = match state.sessions.verify(token, &request).await {
+        Ok(v) => v,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let d = decide(verdict);
+    state
+        .metrics
+        .answered("forward_auth", d.decision, started.elapsed().as_secs_f64());
+    let path = request.path.as_deref();
+    match d.decision {
+        "allow" => {
+            let mut r = StatusCode::OK.into_response();
+            let h = r.headers_mut();
+            for (name, value) in [
+                (&fa.subject, d.subject.as_deref()),
+                (&fa.session, d.session_id.as_deref()),
+            ] {
+                if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+                    h.insert(name.clone(), v);
+                }
+            }
+            if let Ok(v) = HeaderValue::from_str(&format!("{:.0}", d.session_risk)) {
+                h.insert(fa.risk.clone(), v);
+            }
+            r
+        }
+        // RFC 9470: the token is fine, the authentication event is not recent enough.
+        "step_up" => {
+            let description = d.user_message.clone().unwrap_or_default();
+            let challenge = bearer_challenge_with(
+                "insufficient_user_authentication",
+                &description,
+                ", max_age=0",
+            );
+            problem(
+                StatusCode::UNAUTHORIZED,
+                &d,
+                Some(challenge),
+                fa.settings.reauth_url.as_deref(),
+                path,
+            )
+        }
+        "deny" => problem(StatusCode::TOO_MANY_REQUESTS, &d, None, None, path),
+        decision => {
+            let description = match decision {
+                "invalid" => "the token is not valid",
+                _ => "the token has been revoked",
+            };
+            problem(
+                StatusCode::UNAUTHORIZED,
+                &d,
+                Some(bearer_challenge("invalid_token", description)),
+                fa.settings.login_url.as_deref(),
+                path,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_headers_count_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.9, 198.51.100.7, 10.0.0.2"),
+        );
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let outsider: IpAddr = "192.0.2.1".parse().unwrap();
+        // The rightmost address a trusted proxy did not add: what the client spoofed on the left is ignored.
+        assert_eq!(client_ip(proxy, &h, &trusted).to_string(), "198.51.100.7");
+        assert_eq!(
+            client_ip(outsider, &h, &trusted),
+            outsider,
+            "an untrusted peer's headers are ignored"
+        );
+        assert_eq!(client_ip(proxy, &h, &[]), proxy);
+        let mut garbage = HeaderMap::new();
+        garbage.insert("x-forwarded-for", HeaderValue::from_static("not-an-ip"));
+        assert_eq!(client_ip(proxy, &garbage, &trusted), proxy);
+        // A junk entry on the left cannot hide the address the proxy appended.
+        let mut hiding = HeaderMap::new();
+        hiding.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("x, 203.0.113.66"),
+        );
+        hiding.insert("x-real-ip", HeaderValue::from_static("198.51.100.1"));
+        assert_eq!(
+            client_ip(proxy, &hiding, &trusted).to_string(),
+            "203.0.113.66"
+        );
+    }
+
+    #[test]
+    fn the_token_comes_from_one_place_only() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1; tw=tok; b=2"));
+        assert!(matches!(
+            presented_token(&h, Some("tw")),
+            Ok(Presented::Token("tok"))
+        ));
+        assert!(matches!(presented_token(&h, None), Ok(Presented::Nothing)));
+        h.append(header::COOKIE, HeaderValue::from_static("tw=other"));
+        assert!(
+            presented_token(&h, Some("tw")).is_err(),
+            "two different cookies"
+        );
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert!(
+            matches!(presented_token(&h, Some("tw")), Ok(Presented::Token("abc"))),
+            "the header wins over cookies"
+        );
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer def"),
+        );
+        assert!(
+            presented_token(&h, None).is_err(),
+            "two Authorization headers"
+        );
+        let mut basic = HeaderMap::new();
+        basic.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic eDp5"),
+        );
+        basic.insert(header::COOKIE, HeaderValue::from_static("tw=tok"));
+        assert!(
+            matches!(
+                presented_token(&basic, Some("tw")),
+                Ok(Presented::Token("tok"))
+            ),
+            "another scheme is not ours; the cookie still is"
+        );
+        let mut empty = HeaderMap::new();
+        empty.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer  "));
+        assert!(presented_token(&empty, None).is_err());
+    }
+
+    #[test]
+    fn redirects_only_carry_local_paths() {
+        let v = |next| {
+            redirect_to("/reauth", next)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap()
+        };
+        assert_eq!(
+            v(Some("/orders?id=7&x=é")),
+            "/reauth?next=/orders%3Fid%3D7%26x%3D%C3%A9"
+        );
+        assert_eq!(v(Some("//evil.example/")), "/reauth");
+        assert_eq!(v(Some("https://evil.example/")), "/reauth");
+        assert_eq!(v(Some("/\\evil.example")), "/reauth");
+        assert_eq!(v(None), "/reauth");
+        assert_eq!(
+            redirect_to("https://app.example/reauth?lang=en", Some("/a"))
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "https://app.example/reauth?lang=en&next=/a"
+        );
+    }
+}
