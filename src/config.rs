@@ -112,6 +112,11 @@ pub struct ForwardAuthSection {
     pub reauth_url: Option<String>,
     /// The app's sign-in page, for missing, invalid and revoked tokens.
     pub login_url: Option<String>,
+    /// Answer a browser navigation (`Sec-Fetch-Mode: navigate`, GET) that must go to
+    /// `reauth_url` or `login_url` with a 302 there, for gateways that pass the answer
+    /// on as it is (Traefik, Caddy, Envoy). Not for nginx `auth_request`, which turns
+    /// a 302 into a 500: its recipe redirects by itself. Default false.
+    pub redirect_navigations: Option<bool>,
     /// Name of the identity header with the subject. Default `X-Auth-Subject`.
     pub subject_header: Option<String>,
     /// Name of the identity header with the session id. Default `X-Auth-Session`.
@@ -126,6 +131,7 @@ pub struct ForwardAuthSettings {
     pub cookie: Option<String>,
     pub reauth_url: Option<String>,
     pub login_url: Option<String>,
+    pub redirect_navigations: bool,
     pub subject_header: String,
     pub session_header: String,
     pub risk_header: String,
@@ -137,6 +143,7 @@ impl Default for ForwardAuthSettings {
             cookie: None,
             reauth_url: None,
             login_url: None,
+            redirect_navigations: false,
             subject_header: "x-auth-subject".into(),
             session_header: "x-auth-session".into(),
             risk_header: "x-auth-risk".into(),
@@ -202,6 +209,7 @@ fn resolve_forward_auth(f: ForwardAuthSection) -> Result<ForwardAuthSettings, Co
         cookie,
         reauth_url: url("forward_auth.reauth_url", f.reauth_url)?,
         login_url: url("forward_auth.login_url", f.login_url)?,
+        redirect_navigations: f.redirect_navigations.unwrap_or(false),
         subject_header: header_name(
             "forward_auth.subject_header",
             f.subject_header,

@@ -254,6 +254,17 @@ fn redirect_to(url: &str, next: Option<&str>) -> Option<HeaderValue> {
     HeaderValue::from_str(&value).ok()
 }
 
+/// Where a refused request should send the user, if anywhere.
+#[derive(Clone, Copy)]
+struct Page<'a> {
+    /// `reauth_url` or `login_url`.
+    url: Option<&'a str>,
+    /// The protected request's path, passed on as `next`.
+    path: Option<&'a str>,
+    /// Answer 302 to it (a browser navigation, and the gateway passes answers on).
+    redirect: bool,
+}
+
 /// What the gateway may pass on to whoever holds the token: the decision, the user
 /// message, the rule ids and where to go. Never the details, which describe the
 /// victim's binding.
@@ -261,9 +272,9 @@ fn problem(
     status: StatusCode,
     d: &Decision,
     challenge: Option<HeaderValue>,
-    next_url: Option<&str>,
-    path: Option<&str>,
+    page: Page<'_>,
 ) -> Response {
+    let (next_url, path) = (page.url, page.path);
     let rules: Vec<&str> = d
         .reasons
         .iter()
@@ -306,7 +317,11 @@ fn problem(
     if d.decision != "deny"
         && let Some(v) = next_url.and_then(|u| redirect_to(u, path))
     {
-        h.insert(REDIRECT_HEADER, v);
+        if page.redirect {
+            *r.status_mut() = StatusCode::FOUND;
+            r.headers_mut().insert(header::LOCATION, v.clone());
+        }
+        r.headers_mut().insert(REDIRECT_HEADER, v);
     }
     r
 }
@@ -356,6 +371,12 @@ async fn forward_auth(
         Ok(r) => r,
         Err(e) => return bad_request(e),
     };
+    // A browser navigating (not a script): it can be sent to a page.
+    let redirect = fa.settings.redirect_navigations
+        && request.method.as_deref().is_none_or(|m| m == "GET")
+        && headers
+            .get("sec-fetch-mode")
+            .is_some_and(|v| v.as_bytes() == b"navigate");
     let token = match presented_token(&headers, fa.settings.cookie.as_deref()) {
         Ok(Presented::Token(t)) => t,
         Ok(Presented::Nothing) => {
@@ -376,8 +397,11 @@ async fn forward_auth(
                 StatusCode::UNAUTHORIZED,
                 &d,
                 None,
-                fa.settings.login_url.as_deref(),
-                request.path.as_deref(),
+                Page {
+                    url: fa.settings.login_url.as_deref(),
+                    path: request.path.as_deref(),
+                    redirect,
+                },
             );
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -426,11 +450,23 @@ async fn forward_auth(
                 StatusCode::UNAUTHORIZED,
                 &d,
                 Some(challenge),
-                fa.settings.reauth_url.as_deref(),
-                path,
+                Page {
+                    url: fa.settings.reauth_url.as_deref(),
+                    path,
+                    redirect,
+                },
             )
         }
-        "deny" => problem(StatusCode::TOO_MANY_REQUESTS, &d, None, None, path),
+        "deny" => problem(
+            StatusCode::TOO_MANY_REQUESTS,
+            &d,
+            None,
+            Page {
+                url: None,
+                path,
+                redirect: false,
+            },
+        ),
         decision => {
             let description = match decision {
                 "invalid" => "the token is not valid",
@@ -440,8 +476,11 @@ async fn forward_auth(
                 StatusCode::UNAUTHORIZED,
                 &d,
                 Some(bearer_challenge("invalid_token", description)),
-                fa.settings.login_url.as_deref(),
-                path,
+                Page {
+                    url: fa.settings.login_url.as_deref(),
+                    path,
+                    redirect,
+                },
             )
         }
     }

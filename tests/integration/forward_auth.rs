@@ -220,6 +220,36 @@ type EdgeCase = (
 );
 
 #[tokio::test]
+async fn browser_navigations_can_be_redirected_by_tokenwarden_itself() {
+    let (app, _f) = app_with(|c| {
+        c.forward_auth.cookie = Some("tw_at".into());
+        c.forward_auth.login_url = Some("/login".into());
+        c.forward_auth.redirect_navigations = true;
+    })
+    .await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let ask = |mode: &'static str, method: &'static str| {
+        http.get(app.url("/v1/forward-auth"))
+            .header("x-forwarded-uri", "/orders")
+            .header("x-forwarded-method", method)
+            .header("sec-fetch-mode", mode)
+            .send()
+    };
+    let r = ask("navigate", "GET").await.unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], "/login?next=/orders");
+    assert_eq!(ask("cors", "GET").await.unwrap().status(), 401, "a script");
+    assert_eq!(
+        ask("navigate", "POST").await.unwrap().status(),
+        401,
+        "a form post is not replayed through a redirect"
+    );
+}
+
+#[tokio::test]
 async fn bad_input_at_the_edge_is_a_clear_400_or_401_never_a_500() {
     let (app, _f) = app_with(|c| c.forward_auth.cookie = Some("tw_at".into())).await;
     let session = open(&app).await;

@@ -2,6 +2,7 @@
 //! files and a real PostgreSQL, and a real JWT library from another language.
 
 mod api;
+mod browser;
 mod cluster;
 mod enrich;
 mod events;
