@@ -52,6 +52,7 @@ fn claims(now: i64) -> AccessClaims {
         acr: None,
         amr: None,
         extra: Default::default(),
+        foreign: false,
     }
 }
 

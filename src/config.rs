@@ -101,6 +101,121 @@ pub struct FileConfig {
     /// How `/v1/forward-auth` reads the gateway's request and answers it.
     #[serde(default)]
     pub forward_auth: ForwardAuthSection,
+    /// Other issuers whose access tokens are verified and monitored (verifier-only mode).
+    #[serde(default)]
+    pub issuers: Vec<IssuerEntry>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerEntry {
+    /// The `iss` of its tokens.
+    pub issuer: String,
+    /// The `aud` its tokens must carry for us.
+    pub audience: String,
+    /// Its public keys as a JWKS file…
+    pub jwks_file: Option<PathBuf>,
+    /// …or fetched from this URL (cached; refetched on an unknown `kid`).
+    pub jwks_url: Option<String>,
+    /// Algorithms accepted from it. Default `["RS256", "ES256", "EdDSA"]`.
+    pub algorithms: Option<Vec<String>>,
+    /// Least time between two fetches of the JWKS URL. Default `30s`.
+    pub min_refresh_interval: Option<String>,
+    /// How long a fetched JWKS is used before it is fetched again. Default `1h`.
+    pub cache_ttl: Option<String>,
+}
+
+/// A validated `[[issuers]]` entry.
+#[derive(Debug, Clone)]
+pub struct IssuerSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks: JwksSource,
+    pub algorithms: Vec<String>,
+    pub min_refresh_interval: Duration,
+    pub cache_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    Url(String),
+}
+
+/// Algorithms another issuer may use: asymmetric only (a shared secret is not a
+/// public key, and would let anyone holding it mint tokens).
+pub const EXTERNAL_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+fn resolve_issuers(entries: Vec<IssuerEntry>) -> Result<Vec<IssuerSettings>, ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    entries
+        .into_iter()
+        .map(|e| {
+            if e.issuer.is_empty() || e.audience.is_empty() {
+                return Err(invalid("issuers", "issuer and audience are required"));
+            }
+            if !seen.insert(e.issuer.clone()) {
+                return Err(invalid(
+                    "issuers",
+                    format!("issuer {:?} appears twice", e.issuer),
+                ));
+            }
+            let jwks = match (e.jwks_file, e.jwks_url) {
+                (Some(f), None) => JwksSource::File(f),
+                (None, Some(u)) if u.starts_with("https://") || u.starts_with("http://") => {
+                    JwksSource::Url(u)
+                }
+                (None, Some(u)) => {
+                    return Err(invalid(
+                        "issuers.jwks_url",
+                        format!("{u:?} is not an http(s) URL"),
+                    ));
+                }
+                _ => {
+                    return Err(invalid(
+                        "issuers",
+                        format!("{:?}: set exactly one of jwks_file and jwks_url", e.issuer),
+                    ));
+                }
+            };
+            let algorithms = e
+                .algorithms
+                .unwrap_or_else(|| vec!["RS256".into(), "ES256".into(), "EdDSA".into()]);
+            if algorithms.is_empty() {
+                return Err(invalid("issuers.algorithms", "must name at least one"));
+            }
+            if let Some(bad) = algorithms
+                .iter()
+                .find(|a| !EXTERNAL_ALGORITHMS.contains(&a.as_str()))
+            {
+                return Err(invalid(
+                    "issuers.algorithms",
+                    format!(
+                        "{bad:?} is not accepted from another issuer; use {}",
+                        EXTERNAL_ALGORITHMS.join(", ")
+                    ),
+                ));
+            }
+            Ok(IssuerSettings {
+                issuer: e.issuer,
+                audience: e.audience,
+                jwks,
+                algorithms,
+                min_refresh_interval: parse_duration(
+                    "issuers.min_refresh_interval",
+                    e.min_refresh_interval,
+                    Duration::from_secs(30),
+                )?,
+                cache_ttl: parse_duration(
+                    "issuers.cache_ttl",
+                    e.cache_ttl,
+                    Duration::from_secs(3600),
+                )?,
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -394,6 +509,7 @@ pub struct Settings {
     pub cluster: ClusterSettings,
     pub events: EventsSettings,
     pub forward_auth: ForwardAuthSettings,
+    pub issuers: Vec<IssuerSettings>,
 }
 
 /// The environment variables we read, each overriding the file key of the same meaning.
@@ -616,6 +732,13 @@ impl Settings {
         }
         let tokens = resolve_tokens(file.tokens)?;
         let forward_auth = resolve_forward_auth(file.forward_auth)?;
+        let issuers = resolve_issuers(file.issuers)?;
+        if issuers.iter().any(|i| i.issuer == tokens.issuer) {
+            return Err(invalid(
+                "issuers",
+                "an issuer may not share tokens.issuer: that is us",
+            ));
+        }
         let mut kids = std::collections::HashSet::new();
         for key in &file.keys {
             if key.kid.is_empty() || key.kid.len() > 64 {
@@ -655,6 +778,7 @@ impl Settings {
             cluster,
             events,
             forward_auth,
+            issuers,
         })
     }
 }

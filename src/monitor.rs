@@ -203,12 +203,18 @@ impl Monitor {
         state.risk = session.risk;
         state.risk_at_ms = session.risk_at;
         state.step_up = session.state == STATE_STEP_UP;
+        state.user_generation = session.user_generation;
         if state.step_up {
             state.step_up_message = session.step_up_message.clone();
         }
         self.sessions
             .entry(session.session_id.clone())
             .or_insert(state);
+    }
+
+    /// The user's generation recorded with the session, if it is in memory.
+    pub fn user_generation(&self, session_id: &str) -> Option<i64> {
+        self.sessions.get(session_id).map(|s| s.user_generation)
     }
 
     pub fn knows_user(&self, subject: &str) -> bool {

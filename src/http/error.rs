@@ -239,6 +239,10 @@ impl From<SessionError> for ApiError {
             },
             SessionError::Unavailable(why) => Self::Unavailable(why),
             SessionError::MissingClientIp => Self::BadRequest(message),
+            SessionError::ForeignSession => Self::Conflict {
+                code: "external_session",
+                detail: message,
+            },
             SessionError::Token(TokenError::Signing) => Self::Internal(e.to_string()),
             SessionError::Token(t) => t.into(),
             SessionError::Store(s) => Self::Internal(s.to_string()),

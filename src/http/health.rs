@@ -41,6 +41,10 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
             "rules": state.sessions.monitor().rules_status(),
             "geoip": state.sessions.monitor().enricher().geoip().status(),
             "change_feed": feed,
+            // Other issuers and how many of their keys we hold (0: not fetched yet).
+            "issuers": state.sessions.codec().external().iter()
+                .map(|i| json!({"issuer": i.issuer(), "keys": i.kid_count()}))
+                .collect::<Vec<_>>(),
         })),
     )
 }

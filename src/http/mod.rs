@@ -119,7 +119,10 @@ impl Application {
         } else {
             KeySet::load(&settings.keys, settings.tokens.signing_kid.as_deref())?
         };
-        let codec = TokenCodec::new(keys, &settings.tokens);
+        let external = crate::token::ExternalIssuers::load(&settings.issuers, clock.clone())
+            .await
+            .context("cannot load the keys of a configured issuer")?;
+        let codec = TokenCodec::new(keys, &settings.tokens).with_external(Arc::new(external));
 
         let apps = if settings.apps.is_empty() {
             vec![dev_app_key(&settings.data_dir)?]
@@ -261,6 +264,11 @@ impl Application {
                 tick.tick().await;
                 sessions.prune();
                 sessions.maintain();
+                for issuer in sessions.codec().external().iter() {
+                    if issuer.stale() {
+                        issuer.refresh().await;
+                    }
+                }
                 let cutoff = sessions.now().saturating_sub(retention);
                 if let Err(e) = sessions.store().prune_changes(cutoff).await {
                     tracing::warn!(error = %e, "cannot prune the change feed");

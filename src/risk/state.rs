@@ -35,6 +35,10 @@ pub struct SessionState {
     /// request from afar does not make the owner's next request look like travel.
     #[serde(default)]
     pub last_allowed: Option<Observation>,
+    /// The user's generation when the session was opened (its record's), for tokens
+    /// that do not carry one (another issuer's).
+    #[serde(default)]
+    pub user_generation: i64,
 }
 
 impl SessionState {

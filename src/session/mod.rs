@@ -51,6 +51,10 @@ pub enum SessionError {
     Unavailable(String),
     #[error("request.ip is required: this session has no recorded binding to stand in for it")]
     MissingClientIp,
+    #[error(
+        "this session belongs to another issuer: the user re-authenticates there, and its new token opens a new session"
+    )]
+    ForeignSession,
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -224,6 +228,7 @@ impl SessionService {
             acr: s.acr.clone(),
             amr,
             extra,
+            foreign: false,
         };
         Ok(self.codec.mint(&claims)?)
     }
@@ -411,6 +416,14 @@ impl SessionService {
         session_id: &str,
         client: &Client,
     ) -> Result<TokenPair, SessionError> {
+        if self
+            .store
+            .session(session_id)
+            .await?
+            .is_some_and(|s| s.foreign_issuer().is_some())
+        {
+            return Err(SessionError::ForeignSession);
+        }
         let now = self.clock.now();
         let exp = now.saturating_add(self.access_ttl());
         let (refresh, next) = self.new_refresh(now)?;
@@ -535,6 +548,70 @@ impl SessionService {
         Ok(true)
     }
 
+    /// Another issuer's token: its session is created and bound to this client at its
+    /// first sighting (on any node: the id is derived from the issuer's own ids), then
+    /// checked against "log out everywhere" with the generation recorded then.
+    async fn sight_foreign(
+        &self,
+        claims: &AccessClaims,
+        request: &RequestInfo,
+    ) -> Result<Option<RevokedBy>, SessionError> {
+        if !self.monitor.knows(&claims.sid) && self.store.session(&claims.sid).await?.is_none() {
+            let ip = request.ip.ok_or(SessionError::MissingClientIp)?;
+            let client = Client {
+                ip,
+                user_agent: request.user_agent.clone().unwrap_or_default(),
+            };
+            let info = self.monitor.enrich(ip, &client.user_agent);
+            let now = self.clock.now();
+            let record = SessionRecord {
+                session_id: claims.sid.clone(),
+                subject: claims.sub.clone(),
+                created_at: now,
+                last_seen_at: now,
+                // The binding's time: the first sighting, not the issuer's sign-in.
+                auth_time: now,
+                binding: binding_digest(&info.binding_text()),
+                ip: ip.to_string(),
+                user_agent: client.user_agent.clone(),
+                acr: claims.acr.clone(),
+                amr: claims
+                    .amr
+                    .as_ref()
+                    .and_then(|a| serde_json::to_string(a).ok()),
+                claims: Some(serde_json::json!({ "iss": claims.iss }).to_string()),
+                state: STATE_ACTIVE.to_owned(),
+                revoked_at: None,
+                revoked_reason: None,
+                epoch: 0,
+                epoch_until: 0,
+                user_generation: self.store.user_generation(&claims.sub).await?,
+                access_exp_max: claims.exp,
+                binding_info: serde_json::to_string(&info).ok(),
+                risk: 0.0,
+                risk_at: self.clock.now_millis(),
+                last_seen_info: None,
+                step_up_message: None,
+            };
+            let stored = self.store.create_session_if_absent(&record).await?;
+            if stored == record {
+                tracing::info!(session_id = %record.session_id, issuer = %claims.iss, "session of another issuer bound at first sighting");
+                self.emit_sign_in(EventKind::SessionOpen, &record, &client, &info);
+            }
+        }
+        if !self.ensure_loaded(&claims.sid, &claims.sub).await? {
+            return Ok(Some(RevokedBy::Session));
+        }
+        let generation = self.monitor.user_generation(&claims.sid).unwrap_or(0);
+        Ok(self.view.check(TokenIds {
+            jti: &claims.jti,
+            session_id: &claims.sid,
+            subject: &claims.sub,
+            generation,
+            epoch: 0,
+        }))
+    }
+
     /// Makes a decision durable before it is answered: step-up flag, revocations.
     async fn enforce(
         &self,
@@ -620,12 +697,25 @@ impl SessionService {
         token: &str,
         request: &RequestInfo,
     ) -> Result<(Verdict, Option<crate::enrich::ClientInfo>), SessionError> {
-        let claims = match self.check_token(token) {
+        let mut checked = self.check_token(token);
+        // Another issuer may have rotated its keys: fetch its JWKS again (rate-bounded).
+        if matches!(checked, Err(Verdict::Invalid(TokenError::UnknownKey)))
+            && let Some(issuer) = self.codec.external().claimed_by(token)
+            && issuer.refresh().await
+        {
+            checked = self.check_token(token);
+        }
+        let claims = match checked {
             Ok(c) => c,
             Err(verdict) => return Ok((verdict, None)),
         };
         if let Some(why) = self.stale() {
             return Err(SessionError::Unavailable(why));
+        }
+        if claims.foreign
+            && let Some(by) = self.sight_foreign(&claims, request).await?
+        {
+            return Ok((Verdict::Revoked(Box::new(claims), by), None));
         }
         if !self.ensure_loaded(&claims.sid, &claims.sub).await? {
             return Ok((Verdict::Revoked(Box::new(claims), RevokedBy::Session), None));

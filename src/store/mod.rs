@@ -117,6 +117,13 @@ impl SessionRecord {
     pub fn is_revoked(&self) -> bool {
         self.state == STATE_REVOKED
     }
+
+    /// The issuer of a session another issuer's token opened (`claims.iss`: apps can
+    /// never set `iss` themselves, it is a reserved claim). `None` for our own.
+    pub fn foreign_issuer(&self) -> Option<String> {
+        let claims: serde_json::Value = serde_json::from_str(self.claims.as_deref()?).ok()?;
+        claims.get("iss")?.as_str().map(str::to_owned)
+    }
 }
 
 pub const STATE_ACTIVE: &str = "active";
@@ -254,6 +261,12 @@ pub trait Store: Send + Sync + 'static {
     async fn session(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError>;
     /// The subject's sessions, newest first (revoked ones included).
     async fn sessions_of(&self, subject: &str) -> Result<Vec<SessionRecord>, StoreError>;
+    /// Creates the session unless one with its id exists; returns the stored one
+    /// (a session of another issuer, bound at its first sighting).
+    async fn create_session_if_absent(
+        &self,
+        s: &SessionRecord,
+    ) -> Result<SessionRecord, StoreError>;
     async fn user_generation(&self, subject: &str) -> Result<i64, StoreError>;
     async fn refresh_token(&self, token_hash: &str) -> Result<Option<RefreshRecord>, StoreError>;
 

@@ -57,6 +57,9 @@ pub const CHANGE_CHANNEL: &str = "tokenwarden_changes";
 
 const INSERT_SESSION: &str = "INSERT INTO sessions (session_id, subject, created_at, last_seen_at, auth_time, ip, user_agent, binding, acr, amr, claims, state, revoked_at, revoked_reason, epoch, epoch_until, user_generation, access_exp_max, binding_info, risk, risk_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)";
+/// A session of another issuer, first sighted: created once, whichever node sees it first.
+const INSERT_SESSION_IF_ABSENT: &str = "INSERT INTO sessions (session_id, subject, created_at, last_seen_at, auth_time, ip, user_agent, binding, acr, amr, claims, state, revoked_at, revoked_reason, epoch, epoch_until, user_generation, access_exp_max, binding_info, risk, risk_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) ON CONFLICT (session_id) DO NOTHING";
 const INSERT_REFRESH: &str = "INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at) VALUES ($1, $2, $3, $4, $5)";
 const SELECT_SESSION: &str = "SELECT * FROM sessions WHERE session_id = $1";
 const SELECT_SESSIONS_OF: &str =
@@ -151,6 +154,43 @@ macro_rules! sql_store {
             async fn ping(&self) -> Result<(), StoreError> {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
+            }
+
+            async fn create_session_if_absent(
+                &self,
+                s: &SessionRecord,
+            ) -> Result<SessionRecord, StoreError> {
+                let mut tx = self.pool.begin_with($dialect.begin_write).await?;
+                sqlx::query(INSERT_SESSION_IF_ABSENT)
+                    .bind(&s.session_id)
+                    .bind(&s.subject)
+                    .bind(s.created_at)
+                    .bind(s.last_seen_at)
+                    .bind(s.auth_time)
+                    .bind(&s.ip)
+                    .bind(&s.user_agent)
+                    .bind(&s.binding)
+                    .bind(&s.acr)
+                    .bind(&s.amr)
+                    .bind(&s.claims)
+                    .bind(&s.state)
+                    .bind(s.revoked_at)
+                    .bind(&s.revoked_reason)
+                    .bind(s.epoch)
+                    .bind(s.epoch_until)
+                    .bind(s.user_generation)
+                    .bind(s.access_exp_max)
+                    .bind(&s.binding_info)
+                    .bind(s.risk)
+                    .bind(s.risk_at)
+                    .execute(&mut *tx)
+                    .await?;
+                let stored: SessionRecord = sqlx::query_as(SELECT_SESSION)
+                    .bind(&s.session_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(stored)
             }
 
             async fn create_session(

@@ -2,6 +2,7 @@
 //! the key named by `kid`. This is the only module that touches jsonwebtoken.
 //! Time checks (`exp`, `nbf`, `iat`) use the injected clock, not the library's.
 
+mod external;
 mod keys;
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Header, Validation};
 use serde::{Deserialize, Serialize};
 
+pub use external::{ExternalIssuer, ExternalIssuers, JwksError, session_id as external_session_id};
 pub use keys::{KeyError, KeySet, check_secret_strength, generate, random_bytes, write_private};
 
 use crate::clock::UnixSeconds;
@@ -56,6 +58,10 @@ pub struct AccessClaims {
     /// The app's own claims, copied from the session.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Issued by another issuer (verifier-only mode): `sid` is our id for its
+    /// session, `generation` is checked against the session's record, not the token.
+    #[serde(skip)]
+    pub foreign: bool,
 }
 
 /// Claim names the app may not set through `claims`.
@@ -140,6 +146,8 @@ pub struct TokenCodec {
     verified: moka::sync::Cache<[u8; 32], (Arc<AccessClaims>, u32)>,
     /// One validation per `kid`, each allowing exactly that key's algorithm.
     validations: HashMap<String, Validation>,
+    /// Other issuers whose tokens we verify.
+    external: Arc<ExternalIssuers>,
     issuer: String,
     audience: String,
     leeway: i64,
@@ -180,10 +188,21 @@ impl TokenCodec {
                 .time_to_live(VERIFIED_CACHE_TTL)
                 .build(),
             validations,
+            external: Arc::new(ExternalIssuers::default()),
             issuer: settings.issuer.clone(),
             audience: settings.audience.clone(),
             leeway: i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX),
         }
+    }
+
+    /// Also verifies the tokens of these issuers.
+    pub fn with_external(mut self, external: Arc<ExternalIssuers>) -> Self {
+        self.external = external;
+        self
+    }
+
+    pub fn external(&self) -> &Arc<ExternalIssuers> {
+        &self.external
     }
 
     pub fn keys(&self) -> &KeySet {
@@ -220,6 +239,20 @@ impl TokenCodec {
             return Ok((*claims).clone());
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| classify_bad_header(token))?;
+        let ours = header
+            .kid
+            .as_deref()
+            .is_some_and(|k| self.keys.verify.contains_key(k));
+        if !ours {
+            // Another issuer's token, or a kid nobody knows.
+            let claims = self
+                .external
+                .verify(token, &header)
+                .unwrap_or(Err(TokenError::UnknownKey))?;
+            self.check_times(&claims, now)?;
+            self.remember(digest, &claims, token.len());
+            return Ok(claims);
+        }
         if !header.typ.as_deref().is_some_and(|t| {
             t.eq_ignore_ascii_case(ACCESS_TOKEN_TYP) || t.eq_ignore_ascii_case("application/at+jwt")
         }) {
@@ -246,10 +279,14 @@ impl TokenCodec {
                 return Err(TokenError::MissingClaim(name.to_owned()));
             }
         }
-        let weight = u32::try_from(token.len().saturating_mul(2) + 256).unwrap_or(u32::MAX);
+        self.remember(digest, &claims, token.len());
+        Ok(claims)
+    }
+
+    fn remember(&self, digest: [u8; 32], claims: &AccessClaims, token_len: usize) {
+        let weight = u32::try_from(token_len.saturating_mul(2) + 256).unwrap_or(u32::MAX);
         self.verified
             .insert(digest, (Arc::new(claims.clone()), weight));
-        Ok(claims)
     }
 }
 

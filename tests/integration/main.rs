@@ -9,6 +9,7 @@ mod events;
 mod forward_auth;
 mod gateway;
 mod interop;
+mod issuers;
 mod metrics;
 mod nodes;
 mod replay;

@@ -95,6 +95,7 @@ conformance!(
     last_seen_is_written_behind_and_never_goes_backwards,
     every_revocation_is_numbered_in_the_change_feed,
     events_are_filtered_paged_in_time_order_and_pruned,
+    a_first_sighting_creates_the_session_once_whoever_comes_second,
 );
 
 async fn events_are_filtered_paged_in_time_order_and_pruned(backend: Backend) {
@@ -211,6 +212,30 @@ async fn last_seen_is_written_behind_and_never_goes_backwards(backend: Backend) 
         (s.last_seen_info.as_deref(), s.last_seen_at, s.risk),
         (Some("later"), T0 + 10, 12.5)
     );
+}
+
+async fn a_first_sighting_creates_the_session_once_whoever_comes_second(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    let mut first = session("ext", "carol", T0, 0);
+    first.claims = Some(r#"{"iss":"https://idp.example.test"}"#.into());
+    let mut second = first.clone();
+    second.ip = "198.51.100.9".into();
+    second.created_at = T0 + 1;
+    let (a, b) = tokio::join!(
+        store.create_session_if_absent(&first),
+        store.create_session_if_absent(&second)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a, b, "both see the one stored session");
+    assert!(a == first || a == second);
+    assert_eq!(
+        a.foreign_issuer().as_deref(),
+        Some("https://idp.example.test")
+    );
+    assert_eq!(store.sessions_of("carol").await.unwrap().len(), 1);
+    assert_eq!(session("own", "dave", T0, 0).foreign_issuer(), None);
 }
 
 async fn every_revocation_is_numbered_in_the_change_feed(backend: Backend) {

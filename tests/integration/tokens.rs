@@ -230,6 +230,7 @@ fn claims(
             .into_iter()
             .map(|(k, v)| (format!("x_{k}"), Value::String(v)))
             .collect(),
+        foreign: false,
     }
 }
 
