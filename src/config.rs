@@ -142,6 +142,19 @@ pub enum JwksSource {
     Url(String),
 }
 
+fn is_loopback_http(url: &str) -> bool {
+    [
+        "http://127.0.0.1:",
+        "http://127.0.0.1/",
+        "http://[::1]:",
+        "http://[::1]/",
+        "http://localhost:",
+        "http://localhost/",
+    ]
+    .iter()
+    .any(|p| url.starts_with(p))
+}
+
 /// Algorithms another issuer may use: asymmetric only (a shared secret is not a
 /// public key, and would let anyone holding it mint tokens).
 pub const EXTERNAL_ALGORITHMS: &[&str] = &[
@@ -164,13 +177,15 @@ fn resolve_issuers(entries: Vec<IssuerEntry>) -> Result<Vec<IssuerSettings>, Con
             }
             let jwks = match (e.jwks_file, e.jwks_url) {
                 (Some(f), None) => JwksSource::File(f),
-                (None, Some(u)) if u.starts_with("https://") || u.starts_with("http://") => {
+                (None, Some(u)) if u.starts_with("https://") || is_loopback_http(&u) => {
                     JwksSource::Url(u)
                 }
                 (None, Some(u)) => {
                     return Err(invalid(
                         "issuers.jwks_url",
-                        format!("{u:?} is not an http(s) URL"),
+                        format!(
+                            "{u:?} must be https (plain http only to 127.0.0.1, [::1] or localhost): whoever can change the keys can mint tokens"
+                        ),
                     ));
                 }
                 _ => {
@@ -1095,6 +1110,30 @@ mod tests {
             "[forward_auth]\nrisk_header = \"X Risk\"\n",
             "[forward_auth]\nrisk_header = \"x-auth-subject\"\n",
             "[forward_auth]\ncolor = \"red\"\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn another_issuer_needs_https_keys_and_public_key_algorithms() {
+        let parse = |extra: &str| {
+            let text =
+                format!("[[issuers]]\nissuer = \"https://idp\"\naudience = \"api\"\n{extra}");
+            toml::from_str::<FileConfig>(&text)
+                .map_err(|e| e.to_string())
+                .and_then(|f| Settings::resolve(f, &BTreeMap::new()).map_err(|e| e.to_string()))
+        };
+        assert!(parse("jwks_url = \"https://idp/jwks.json\"\n").is_ok());
+        assert!(parse("jwks_url = \"http://127.0.0.1:9000/jwks.json\"\n").is_ok());
+        assert!(parse("jwks_file = \"jwks.json\"\n").is_ok());
+        for bad in [
+            "jwks_url = \"http://idp.example.com/jwks.json\"\n",
+            "jwks_url = \"http://localhost.evil.example/jwks.json\"\n",
+            "jwks_url = \"https://idp/jwks.json\"\njwks_file = \"jwks.json\"\n",
+            "",
+            "jwks_file = \"j\"\nalgorithms = [\"HS256\"]\n",
+            "jwks_file = \"j\"\nalgorithms = [\"none\"]\n",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} must be refused");
         }

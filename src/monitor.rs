@@ -204,6 +204,7 @@ impl Monitor {
         state.risk_at_ms = session.risk_at;
         state.step_up = session.state == STATE_STEP_UP;
         state.user_generation = session.user_generation;
+        state.access_exp_max = session.access_exp_max;
         if state.step_up {
             state.step_up_message = session.step_up_message.clone();
         }
@@ -212,9 +213,19 @@ impl Monitor {
             .or_insert(state);
     }
 
-    /// The user's generation recorded with the session, if it is in memory.
-    pub fn user_generation(&self, session_id: &str) -> Option<i64> {
-        self.sessions.get(session_id).map(|s| s.user_generation)
+    /// The user's generation recorded with the session, and the latest access-token
+    /// expiry the store knows for it, if the session is in memory.
+    pub fn recorded(&self, session_id: &str) -> Option<(i64, i64)> {
+        self.sessions
+            .get(session_id)
+            .map(|s| (s.user_generation, s.access_exp_max))
+    }
+
+    /// The store now knows `exp` as the session's latest access-token expiry.
+    pub fn raised_access_exp(&self, session_id: &str, exp: i64) {
+        if let Some(mut s) = self.sessions.get_mut(session_id) {
+            s.access_exp_max = s.access_exp_max.max(exp);
+        }
     }
 
     pub fn knows_user(&self, subject: &str) -> bool {
@@ -247,9 +258,12 @@ impl Monitor {
     }
 
     /// Another node put this session into step-up.
-    pub fn mark_step_up(&self, session_id: &str) {
+    pub fn mark_step_up(&self, session_id: &str, message: Option<String>) {
         if let Some(mut s) = self.sessions.get_mut(session_id) {
             s.step_up = true;
+            if message.is_some() {
+                s.step_up_message = message;
+            }
         }
     }
 

@@ -39,6 +39,9 @@ pub enum Change {
     /// The rules asked this session to re-authenticate (cleared by `SessionEpoch`).
     StepUp {
         session_id: String,
+        /// What the user is told until they re-authenticate (absent in older feeds).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
     },
 }
 

@@ -5,6 +5,11 @@
 //! The app keeps no session of its own: the access token lives in an HttpOnly
 //! cookie (`tw_at`) that nginx passes to `/v1/forward-auth`, and every page behind
 //! nginx trusts the `X-Auth-Subject` header nginx copies from tokenwarden's answer.
+//!
+//! A demo, not a template: the sign-in and re-authentication pages read the session
+//! id from the cookie's token without verifying it (the password decides), and
+//! `GET /logout` has no CSRF protection. A real app verifies the token (or asks
+//! tokenwarden) and signs out with a POST carrying a CSRF token.
 
 use std::sync::Arc;
 

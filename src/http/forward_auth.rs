@@ -86,14 +86,24 @@ fn single<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Api
     Ok(Some(value))
 }
 
-/// The first present header of `names` (gateway conventions), each checked.
+/// The value of `names` (one gateway convention each), each checked. Gateways pass
+/// the client's own headers on and set only their own convention's, so two that
+/// disagree mean the client wrote one of them: refused, never picked from.
 fn one_of<'h>(headers: &'h HeaderMap, names: &[&str]) -> Result<Option<&'h str>, ApiError> {
+    let mut found: Option<(&str, &'h str)> = None;
     for name in names {
         if let Some(v) = single(headers, name)? {
-            return Ok(Some(v));
+            match found {
+                Some((first, prev)) if prev != v => {
+                    return Err(ApiError::BadRequest(format!(
+                        "{first} and {name} disagree; the request is ambiguous"
+                    )));
+                }
+                _ => found = Some((name, v)),
+            }
         }
     }
-    Ok(None)
+    Ok(found.map(|(_, v)| v))
 }
 
 /// Where the access token came from.
@@ -103,12 +113,14 @@ enum Presented<'h> {
     Nothing,
 }
 
-/// `Authorization: Bearer`, else the configured cookie. Two candidates that
-/// disagree are refused: which one the app would have used is not ours to guess.
+/// `Authorization: Bearer` or the configured cookie. Two candidates that disagree
+/// (two headers, two cookies, a header and a cookie) are refused: the gateway must
+/// vouch for the token the app will act on, and which one that is is not ours to guess.
 fn presented_token<'h>(
     headers: &'h HeaderMap,
     cookie: Option<&str>,
 ) -> Result<Presented<'h>, ApiError> {
+    let mut bearer = None;
     let mut auth = headers.get_all(header::AUTHORIZATION).iter();
     if let Some(value) = auth.next() {
         if auth.next().is_some() {
@@ -127,39 +139,50 @@ fn presented_token<'h>(
                     "authorization: expected \"Bearer <token>\"".into(),
                 ));
             }
-            return Ok(Presented::Token(token));
+            bearer = Some(token);
         }
         // Another scheme (Basic for the app itself, say) is not ours: the cookie may still be.
     }
-    let Some(name) = cookie else {
-        return Ok(Presented::Nothing);
-    };
-    let mut found: Option<&str> = None;
-    for value in headers.get_all(header::COOKIE) {
-        let Ok(value) = value.to_str() else {
-            continue;
-        };
-        for pair in value.split(';') {
-            let Some((k, v)) = pair.trim().split_once('=') else {
-                continue;
-            };
-            if k != name {
-                continue;
-            }
-            let v = v.trim().trim_matches('"');
-            match found {
-                Some(prev) if prev != v => {
-                    return Err(ApiError::BadRequest(format!(
-                        "cookie {name}: sent twice with different values"
-                    )));
+    let mut from_cookie: Option<&str> = None;
+    if let Some(name) = cookie {
+        // Byte-wise: other cookies of the site may hold anything; only ours must be ASCII.
+        for value in headers.get_all(header::COOKIE) {
+            for pair in value.as_bytes().split(|b| *b == b';') {
+                let pair = pair.trim_ascii();
+                let Some(eq) = pair.iter().position(|b| *b == b'=') else {
+                    continue;
+                };
+                if &pair[..eq] != name.as_bytes() {
+                    continue;
                 }
-                _ => found = Some(v),
+                let v = std::str::from_utf8(&pair[eq + 1..])
+                    .ok()
+                    .filter(|v| v.is_ascii())
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!("cookie {name}: not printable ASCII"))
+                    })?
+                    .trim()
+                    .trim_matches('"');
+                match from_cookie {
+                    Some(prev) if prev != v => {
+                        return Err(ApiError::BadRequest(format!(
+                            "cookie {name}: sent twice with different values"
+                        )));
+                    }
+                    _ => from_cookie = Some(v),
+                }
             }
         }
     }
-    Ok(match found {
-        Some(t) if !t.is_empty() => Presented::Token(t),
-        _ => Presented::Nothing,
+    let from_cookie = from_cookie.filter(|t| !t.is_empty());
+    Ok(match (bearer, from_cookie) {
+        (Some(b), Some(c)) if b != c => {
+            return Err(ApiError::BadRequest(
+                "the Authorization header and the token cookie hold different tokens".into(),
+            ));
+        }
+        (Some(t), _) | (None, Some(t)) => Presented::Token(t),
+        (None, None) => Presented::Nothing,
     })
 }
 
@@ -201,9 +224,18 @@ fn forwarded_request(
     envoy_path: Option<String>,
 ) -> Result<RequestInfo, ApiError> {
     let owned = |v: Option<&str>| v.filter(|v| !v.is_empty()).map(str::to_owned);
-    let path = match one_of(headers, &["x-original-uri", "x-forwarded-uri"])? {
-        Some(p) => Some(p.to_owned()),
-        None => envoy_path,
+    let path = match (
+        one_of(headers, &["x-original-uri", "x-forwarded-uri"])?,
+        envoy_path,
+    ) {
+        (Some(h), Some(e)) if h != e => {
+            return Err(ApiError::BadRequest(
+                "the path after /v1/forward-auth and X-Original-URI/X-Forwarded-Uri disagree"
+                    .into(),
+            ));
+        }
+        (Some(h), _) => Some(h.to_owned()),
+        (None, e) => e,
     };
     let method = match one_of(headers, &["x-original-method", "x-forwarded-method"])? {
         Some(m) => Some(m.to_owned()),
@@ -538,20 +570,50 @@ mod tests {
             presented_token(&h, Some("tw")).is_err(),
             "two different cookies"
         );
-        h.insert(
+        let mut both = HeaderMap::new();
+        both.insert(header::COOKIE, HeaderValue::from_static("tw=abc"));
+        both.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer abc"),
         );
         assert!(
-            matches!(presented_token(&h, Some("tw")), Ok(Presented::Token("abc"))),
-            "the header wins over cookies"
+            matches!(
+                presented_token(&both, Some("tw")),
+                Ok(Presented::Token("abc"))
+            ),
+            "the same token twice is one token"
         );
-        h.append(
+        both.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer xyz"),
+        );
+        assert!(
+            presented_token(&both, Some("tw")).is_err(),
+            "a header and a cookie that disagree"
+        );
+        let mut utf8 = HeaderMap::new();
+        utf8.insert(
+            header::COOKIE,
+            HeaderValue::from_bytes("lang=fr-\u{e9}; tw=tok".as_bytes()).unwrap(),
+        );
+        assert!(
+            matches!(
+                presented_token(&utf8, Some("tw")),
+                Ok(Presented::Token("tok"))
+            ),
+            "another cookie's bytes do not hide ours"
+        );
+        let mut twice = HeaderMap::new();
+        twice.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        twice.append(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer def"),
         );
         assert!(
-            presented_token(&h, None).is_err(),
+            presented_token(&twice, None).is_err(),
             "two Authorization headers"
         );
         let mut basic = HeaderMap::new();

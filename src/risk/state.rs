@@ -39,6 +39,10 @@ pub struct SessionState {
     /// that do not carry one (another issuer's).
     #[serde(default)]
     pub user_generation: i64,
+    /// The latest access-token expiry the store knows for the session (another
+    /// issuer's sessions raise it as new tokens of theirs appear).
+    #[serde(default)]
+    pub access_exp_max: i64,
 }
 
 impl SessionState {

@@ -550,66 +550,91 @@ impl SessionService {
 
     /// Another issuer's token: its session is created and bound to this client at its
     /// first sighting (on any node: the id is derived from the issuer's own ids), then
-    /// checked against "log out everywhere" with the generation recorded then.
+    /// checked against "log out everywhere" with the generation recorded then. A
+    /// session loaded from the store that was revoked stays revoked, whatever the
+    /// revocation view has pruned, and the store learns each later `exp` the issuer
+    /// mints for it, so revocations always cover every token we accepted.
     async fn sight_foreign(
         &self,
         claims: &AccessClaims,
         request: &RequestInfo,
     ) -> Result<Option<RevokedBy>, SessionError> {
-        if !self.monitor.knows(&claims.sid) && self.store.session(&claims.sid).await?.is_none() {
-            let ip = request.ip.ok_or(SessionError::MissingClientIp)?;
-            let client = Client {
-                ip,
-                user_agent: request.user_agent.clone().unwrap_or_default(),
-            };
-            let info = self.monitor.enrich(ip, &client.user_agent);
-            let now = self.clock.now();
-            let record = SessionRecord {
-                session_id: claims.sid.clone(),
-                subject: claims.sub.clone(),
-                created_at: now,
-                last_seen_at: now,
-                // The binding's time: the first sighting, not the issuer's sign-in.
-                auth_time: now,
-                binding: binding_digest(&info.binding_text()),
-                ip: ip.to_string(),
-                user_agent: client.user_agent.clone(),
-                acr: claims.acr.clone(),
-                amr: claims
-                    .amr
-                    .as_ref()
-                    .and_then(|a| serde_json::to_string(a).ok()),
-                claims: Some(serde_json::json!({ "iss": claims.iss }).to_string()),
-                state: STATE_ACTIVE.to_owned(),
-                revoked_at: None,
-                revoked_reason: None,
-                epoch: 0,
-                epoch_until: 0,
-                user_generation: self.store.user_generation(&claims.sub).await?,
-                access_exp_max: claims.exp,
-                binding_info: serde_json::to_string(&info).ok(),
-                risk: 0.0,
-                risk_at: self.clock.now_millis(),
-                last_seen_info: None,
-                step_up_message: None,
-            };
-            let stored = self.store.create_session_if_absent(&record).await?;
-            if stored == record {
-                tracing::info!(session_id = %record.session_id, issuer = %claims.iss, "session of another issuer bound at first sighting");
-                self.emit_sign_in(EventKind::SessionOpen, &record, &client, &info);
+        if !self.monitor.knows(&claims.sid) {
+            match self.store.session(&claims.sid).await? {
+                Some(record) if record.is_revoked() => return Ok(Some(RevokedBy::Session)),
+                Some(_) => {}
+                None => self.open_foreign(claims, request).await?,
+            }
+            if !self.ensure_loaded(&claims.sid, &claims.sub).await? {
+                return Ok(Some(RevokedBy::Session));
             }
         }
-        if !self.ensure_loaded(&claims.sid, &claims.sub).await? {
+        let Some((generation, exp_max)) = self.monitor.recorded(&claims.sid) else {
             return Ok(Some(RevokedBy::Session));
-        }
-        let generation = self.monitor.user_generation(&claims.sid).unwrap_or(0);
-        Ok(self.view.check(TokenIds {
+        };
+        if let Some(by) = self.view.check(TokenIds {
             jti: &claims.jti,
             session_id: &claims.sid,
             subject: &claims.sub,
             generation,
             epoch: 0,
-        }))
+        }) {
+            return Ok(Some(by));
+        }
+        if claims.exp > exp_max {
+            self.store.raise_access_exp(&claims.sid, claims.exp).await?;
+            self.monitor.raised_access_exp(&claims.sid, claims.exp);
+        }
+        Ok(None)
+    }
+
+    async fn open_foreign(
+        &self,
+        claims: &AccessClaims,
+        request: &RequestInfo,
+    ) -> Result<(), SessionError> {
+        let ip = request.ip.ok_or(SessionError::MissingClientIp)?;
+        let client = Client {
+            ip,
+            user_agent: request.user_agent.clone().unwrap_or_default(),
+        };
+        let info = self.monitor.enrich(ip, &client.user_agent);
+        let now = self.clock.now();
+        let record = SessionRecord {
+            session_id: claims.sid.clone(),
+            subject: claims.sub.clone(),
+            created_at: now,
+            last_seen_at: now,
+            // The binding's time: the first sighting, not the issuer's sign-in.
+            auth_time: now,
+            binding: binding_digest(&info.binding_text()),
+            ip: ip.to_string(),
+            user_agent: client.user_agent.clone(),
+            acr: claims.acr.clone(),
+            amr: claims
+                .amr
+                .as_ref()
+                .and_then(|a| serde_json::to_string(a).ok()),
+            claims: Some(serde_json::json!({ "iss": claims.iss }).to_string()),
+            state: STATE_ACTIVE.to_owned(),
+            revoked_at: None,
+            revoked_reason: None,
+            epoch: 0,
+            epoch_until: 0,
+            user_generation: self.store.user_generation(&claims.sub).await?,
+            access_exp_max: claims.exp,
+            binding_info: serde_json::to_string(&info).ok(),
+            risk: 0.0,
+            risk_at: self.clock.now_millis(),
+            last_seen_info: None,
+            step_up_message: None,
+        };
+        let stored = self.store.create_session_if_absent(&record).await?;
+        if stored == record {
+            tracing::info!(session_id = %record.session_id, issuer = %claims.iss, "session of another issuer bound at first sighting");
+            self.emit_sign_in(EventKind::SessionOpen, &record, &client, &info);
+        }
+        Ok(())
     }
 
     /// Makes a decision durable before it is answered: step-up flag, revocations.
@@ -817,6 +842,23 @@ impl SessionService {
             Ok(_) if self.stale().is_some() => {
                 return Err(SessionError::Unavailable(self.stale().unwrap_or_default()));
             }
+            Ok(claims) if claims.foreign => {
+                // Its state is its session's record: revoked, or older than a log-out-everywhere.
+                let Some(session) = self.store.session(&claims.sid).await? else {
+                    return Ok(inactive);
+                };
+                let generation = self.store.user_generation(&session.subject).await?;
+                if session.is_revoked() || session.user_generation < generation {
+                    return Ok(inactive);
+                }
+                serde_json::json!({
+                    "active": true,
+                    "token_type": "access_token",
+                    "iss": claims.iss, "aud": claims.aud, "sub": claims.sub,
+                    "jti": claims.jti, "sid": claims.sid, "iat": claims.iat,
+                    "exp": claims.exp, "auth_time": claims.auth_time,
+                })
+            }
             Ok(claims) => {
                 let mut body = serde_json::to_value(&claims).unwrap_or(serde_json::Value::Null);
                 if let Some(obj) = body.as_object_mut() {
@@ -837,7 +879,10 @@ impl SessionService {
                 // Reloaded from the store on its next request (new binding, risk, flags).
                 self.monitor.forget(session_id);
             }
-            Change::StepUp { session_id } => self.monitor.mark_step_up(session_id),
+            Change::StepUp {
+                session_id,
+                message,
+            } => self.monitor.mark_step_up(session_id, message.clone()),
             Change::JtiRevoked { .. } | Change::UserGeneration { .. } => {}
         }
         self.view.apply(change);

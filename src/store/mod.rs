@@ -261,6 +261,9 @@ pub trait Store: Send + Sync + 'static {
     async fn session(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError>;
     /// The subject's sessions, newest first (revoked ones included).
     async fn sessions_of(&self, subject: &str) -> Result<Vec<SessionRecord>, StoreError>;
+    /// Raises the session's latest access-token expiry (the horizon its revocation
+    /// must cover) to `exp`, for tokens another issuer keeps minting for it.
+    async fn raise_access_exp(&self, session_id: &str, exp: i64) -> Result<(), StoreError>;
     /// Creates the session unless one with its id exists; returns the stored one
     /// (a session of another issuer, bound at its first sighting).
     async fn create_session_if_absent(

@@ -60,6 +60,8 @@ const INSERT_SESSION: &str = "INSERT INTO sessions (session_id, subject, created
 /// A session of another issuer, first sighted: created once, whichever node sees it first.
 const INSERT_SESSION_IF_ABSENT: &str = "INSERT INTO sessions (session_id, subject, created_at, last_seen_at, auth_time, ip, user_agent, binding, acr, amr, claims, state, revoked_at, revoked_reason, epoch, epoch_until, user_generation, access_exp_max, binding_info, risk, risk_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) ON CONFLICT (session_id) DO NOTHING";
+const RAISE_ACCESS_EXP: &str =
+    "UPDATE sessions SET access_exp_max = $2 WHERE session_id = $1 AND access_exp_max < $2";
 const INSERT_REFRESH: &str = "INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at) VALUES ($1, $2, $3, $4, $5)";
 const SELECT_SESSION: &str = "SELECT * FROM sessions WHERE session_id = $1";
 const SELECT_SESSIONS_OF: &str =
@@ -191,6 +193,15 @@ macro_rules! sql_store {
                     .await?;
                 tx.commit().await?;
                 Ok(stored)
+            }
+
+            async fn raise_access_exp(&self, session_id: &str, exp: i64) -> Result<(), StoreError> {
+                sqlx::query(RAISE_ACCESS_EXP)
+                    .bind(session_id)
+                    .bind(exp)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
             }
 
             async fn create_session(
@@ -518,6 +529,7 @@ macro_rules! sql_store {
                 if updated > 0 {
                     let change = Change::StepUp {
                         session_id: session_id.to_owned(),
+                        message: message.map(str::to_owned),
                     };
                     Self::record(&mut tx, &change, risk_at_ms / 1000).await?;
                 }

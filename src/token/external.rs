@@ -252,6 +252,12 @@ impl ExternalIssuer {
         if c.sub.is_empty() {
             return Err(TokenError::MissingClaim("sub".into()));
         }
+        // The subject becomes a header value and a path segment: the same rules as ours.
+        if c.sub.len() > 256 || c.sub.chars().any(char::is_control) {
+            return Err(TokenError::MalformedClaims(
+                "sub must be at most 256 bytes of printable characters".into(),
+            ));
+        }
         let jti = match c.jti.filter(|j| !j.is_empty()) {
             Some(j) => j,
             // No jti: the token itself is its identity.
@@ -260,10 +266,14 @@ impl ExternalIssuer {
                 &crate::config::to_hex(&crate::config::sha256(token.as_bytes()))[..32]
             ),
         };
-        let session_key = c
-            .sid
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| jti.clone());
+        // The issuer's session, as of its last authentication: a user who re-authenticates
+        // there (new auth_time, often the same sid) starts a new, freshly bound session
+        // here, while a thief's older copy stays on the old one.
+        let session_key = match (c.sid.filter(|s| !s.is_empty()), c.auth_time) {
+            (Some(sid), Some(at)) => format!("{sid}\0{at}"),
+            (Some(sid), None) => sid,
+            (None, _) => jti.clone(),
+        };
         if jti.len() > 256 || session_key.len() > 256 || c.sub.len() > 256 {
             return Err(TokenError::MalformedClaims(
                 "sub, jti and sid must be at most 256 bytes".into(),
@@ -318,7 +328,8 @@ impl ExternalIssuers {
     pub async fn load(settings: &[IssuerSettings], clock: SharedClock) -> Result<Self, JwksError> {
         let http = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::limited(3))
+            // A redirect could lead a fetch off https: keys come from the configured URL only.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| JwksError::Fetch("(client)".into(), e.to_string()))?;
         let mut list = Vec::new();

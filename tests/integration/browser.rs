@@ -171,7 +171,7 @@ async fn a_user_is_asked_to_confirm_with_the_honest_reason_and_the_thief_is_shut
             start.elapsed() < Duration::from_secs(20),
             "nginx or chromedriver did not start"
         );
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     let profile = tempfile::tempdir().unwrap();

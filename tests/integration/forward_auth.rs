@@ -278,6 +278,25 @@ async fn bad_input_at_the_edge_is_a_clear_400_or_401_never_a_500() {
             "invalid_request",
         ),
         (
+            "X-Original-URI and X-Forwarded-Uri that disagree",
+            vec![
+                ("authorization", HeaderValue::from_str(&bearer).unwrap()),
+                ("x-forwarded-uri", HeaderValue::from_static("/api/orders")),
+                ("x-original-uri", HeaderValue::from_static("/home")),
+            ],
+            400,
+            "invalid_request",
+        ),
+        (
+            "a bearer token and a different token cookie",
+            vec![
+                ("authorization", HeaderValue::from_str(&bearer).unwrap()),
+                ("cookie", HeaderValue::from_static("tw_at=another")),
+            ],
+            400,
+            "invalid_request",
+        ),
+        (
             "a Referer over 4 KiB",
             vec![
                 ("authorization", HeaderValue::from_str(&bearer).unwrap()),

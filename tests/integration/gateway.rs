@@ -164,7 +164,7 @@ async fn behind(gateway: Gateway) {
             start.elapsed() < Duration::from_secs(10),
             "nginx did not start"
         );
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     let opened: Value = app

@@ -105,9 +105,17 @@ impl Idp {
     }
 }
 
+/// When carol signed in at the issuer (the tests' clock starts at T0).
+const SIGNED_IN: i64 = crate::support::T0 - 30;
+
 fn claims(now: i64, sid: &str, jti: &str) -> Value {
     json!({"iss": IDP, "aud": [AUDIENCE, "other"], "sub": "carol", "sid": sid, "jti": jti,
-           "iat": now, "exp": now + 600, "auth_time": now - 30})
+           "iat": now, "exp": now + 600, "auth_time": SIGNED_IN})
+}
+
+/// Our id for the issuer's session `sid` as of carol's sign-in at `SIGNED_IN`.
+fn our_id(sid: &str) -> String {
+    external_session_id(IDP, &format!("{sid}\0{SIGNED_IN}"))
 }
 
 async fn spawn(jwks: JwksSource) -> (TestApp, Fixture) {
@@ -158,7 +166,7 @@ async fn another_issuers_token_is_bound_at_first_sighting_and_scored_like_ours()
     let first = idp.sign("idp-1", &claims(now, "idp-sess-1", "t1"));
     let v = verify(&app, &first, london).await;
     assert_eq!(v["decision"], "allow", "{v}");
-    let id = external_session_id(IDP, "idp-sess-1");
+    let id = our_id("idp-sess-1");
     assert_eq!(v["session_id"], id.as_str());
     let shown: Value = session(&app, &id).await.json().await.unwrap();
     assert_eq!(
@@ -192,6 +200,18 @@ async fn another_issuers_token_is_bound_at_first_sighting_and_scored_like_ours()
         )
         .await;
     assert_eq!(r.status(), 409);
+    // The user does so: the issuer keeps its sid, the new auth_time makes it a new
+    // session here, bound afresh; the stepped-up one is left to the thief.
+    let mut again = claims(app.clock.now(), "idp-sess-1", "t-again");
+    again["auth_time"] = json!(app.clock.now());
+    let v = verify(&app, &idp.sign("idp-1", &again), london).await;
+    assert_eq!(v["decision"], "allow", "{v}");
+    assert_ne!(v["session_id"], id.as_str());
+    let v = verify(&app, &second, london).await;
+    assert_eq!(
+        v["decision"], "step_up",
+        "the old session is still flagged: {v}"
+    );
 
     // Logging the session out here refuses every token of it.
     let r = app
@@ -222,6 +242,48 @@ async fn another_issuers_token_is_bound_at_first_sighting_and_scored_like_ours()
     assert_eq!(verify(&app, &other, london).await["decision"], "revoke");
     let fresh = idp.sign("idp-1", &claims(app.clock.now(), "idp-sess-3", "t4"));
     assert_eq!(verify(&app, &fresh, london).await["decision"], "allow");
+
+    // Hours later the issuer still mints tokens for the logged-out sessions. After a
+    // restart the revocation view holds nothing that old; the records still refuse.
+    app.clock.advance(Duration::from_secs(2 * 3600));
+    let app = app.restart().await;
+    let now = app.clock.now();
+    for (sid, jti) in [("idp-sess-1", "t8"), ("idp-sess-2", "t9")] {
+        let later = idp.sign("idp-1", &claims(now, sid, jti));
+        let v = verify(&app, &later, london).await;
+        assert_eq!(v["decision"], "revoke", "{sid}: {v}");
+    }
+    // Introspection agrees, and does not show our own claims' placeholders.
+    let r = app
+        .http
+        .post(app.url("/oauth/introspect"))
+        .bearer_auth(APP_KEY)
+        .form(&[(
+            "token",
+            idp.sign("idp-1", &claims(now, "idp-sess-2", "t10")),
+        )])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"active": false}));
+    let live = idp.sign("idp-1", &claims(now, "idp-sess-3", "t11"));
+    assert_eq!(verify(&app, &live, london).await["decision"], "allow");
+    let r: Value = app
+        .http
+        .post(app.url("/oauth/introspect"))
+        .bearer_auth(APP_KEY)
+        .form(&[("token", live.as_str())])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r["active"].as_bool(), r["sub"].as_str()),
+        (Some(true), Some("carol"))
+    );
+    assert!(r.get("gen").is_none() && r.get("bnd").is_none(), "{r}");
 
     // No request IP at a first sighting: nothing to bind to.
     let unbound = idp.sign("idp-1", &claims(app.clock.now(), "idp-sess-4", "t5"));
