@@ -1,6 +1,8 @@
-//! Micro-benchmarks of the verification path: a bare HS512 token decode beside
-//! one full risk evaluation (default rules, enrichment cached) and enrichment
-//! alone. Run with `cargo bench --bench engine`; compare the figures side by side.
+//! Micro-benchmarks of the verification path: token decode per algorithm (never
+//! seen and cached), enrichment alone, one risk evaluation (default rules), one
+//! full decision through `SessionService::verify` (decode, revocation view,
+//! enrichment, rules, on a real SQLite store that it never touches), and replay per
+//! event. Run with `cargo bench --bench engine`; compare the figures side by side.
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -132,5 +134,140 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(engine, benches);
+/// One full decision: what `/v1/verify` does after parsing the body.
+fn decision(c: &mut Criterion) {
+    use tokenwarden::monitor::{Monitor, RequestInfo};
+    use tokenwarden::session::SessionService;
+    use tokenwarden::session::input::{AuthContext, Client, Subject};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/geoip");
+    let clock = Arc::new(ManualClock::at(1_800_000_000));
+    let service = rt.block_on(async {
+        let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+        let store = tokenwarden::store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let enricher = Enricher::new(
+            EnrichConfig {
+                geoip_city: Some(data.join("GeoIP2-City-Test.mmdb")),
+                geoip_asn: Some(data.join("GeoLite2-ASN-Test.mmdb")),
+                ..EnrichConfig::default()
+            },
+            Arc::new(UaParser::new().unwrap()),
+        )
+        .unwrap();
+        let monitor = Arc::new(Monitor::new(None, Arc::new(enricher), clock.clone()).unwrap());
+        let settings = Settings::resolve(FileConfig::default(), &Default::default()).unwrap();
+        SessionService::start(
+            store,
+            codec(dir.path(), KeyAlgorithm::HS512),
+            monitor,
+            clock.clone(),
+            settings.tokens,
+        )
+        .await
+        .unwrap()
+    });
+    let ip: IpAddr = "81.2.69.142".parse().unwrap();
+    let client = Client {
+        ip,
+        user_agent: UA.into(),
+    };
+    let open = || {
+        rt.block_on(service.open(
+            &Subject::parse("alice").unwrap(),
+            &client,
+            &AuthContext::parse(None, None, None).unwrap(),
+        ))
+        .unwrap()
+        .access_token
+    };
+    let request = RequestInfo {
+        ip: Some(ip),
+        user_agent: Some(UA.into()),
+        method: Some("GET".into()),
+        path: Some("/account".into()),
+        referrer: None,
+        origin: None,
+        sec_fetch_site: None,
+        cost: None,
+    };
+    // 200 ms between requests keeps the session under the default rate rules; a new
+    // session (opened outside the timing) every 1000 requests keeps its token alive.
+    c.bench_function("decision_full_HS512_seen_token", |b| {
+        b.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            let mut token = open();
+            for i in 0..iters {
+                if i % 1000 == 999 {
+                    token = open();
+                }
+                clock.advance(std::time::Duration::from_millis(200));
+                let started = std::time::Instant::now();
+                let verdict = rt.block_on(service.verify(black_box(&token), &request)).unwrap();
+                total += started.elapsed();
+                assert!(
+                    matches!(&verdict, tokenwarden::session::Verdict::Assessed(_, e) if e.decision == tokenwarden::risk::Decision::Allow),
+                    "the whole path, every time"
+                );
+            }
+            total
+        })
+    });
+}
+
+/// Replay cost per event: 1,000 sessions, each opened and then used 9 times.
+fn replay_events(c: &mut Criterion) {
+    use tokenwarden::replay::{OnError, ReplayContext, replay};
+    let mut lines = String::new();
+    let cities = [
+        ("GB", "London", 51.5142, -0.0931, "81.2.69.142"),
+        ("SE", "Linköping", 58.4167, 15.6167, "89.160.20.128"),
+        ("US", "Milton", 47.2513, -122.3149, "216.160.83.56"),
+    ];
+    for step in 0..10 {
+        for s in 0..1000 {
+            let (country, city, lat, lon, ip) =
+                cities[(s + usize::from(step == 9 && s % 50 == 0)) % 3];
+            let kind = if step == 0 { "session_open" } else { "request" };
+            let ms = 1_800_000_000_000i64 + (step * 1000 + s) as i64 * 250;
+            let ts = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                .unwrap()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap();
+            lines.push_str(&format!(
+                r#"{{"ts":"{ts}","kind":"{kind}","session_id":"s-{s}","subject":"u-{}","user_agent":"{UA}","decision":"allow","ip":"{ip}","country":"{country}","city":"{city}","latitude":{lat},"longitude":{lon},"radius_km":20.0,"asn":1221,"method":"GET","path":"/account"}}"#,
+                s / 2
+            ));
+            lines.push('\n');
+        }
+    }
+    let ua = UaParser::new().unwrap();
+    let mut group = c.benchmark_group("replay");
+    group.throughput(criterion::Throughput::Elements(10_000));
+    group.bench_function("replay_10000_events_default_rules", |b| {
+        b.iter(|| {
+            replay(
+                lines.as_bytes(),
+                RuleSet::parse("default", DEFAULT_RULES).unwrap(),
+                None,
+                ReplayContext {
+                    ua: &ua,
+                    geo: None,
+                    on_error: OnError::Stop,
+                },
+                None,
+                |_| {},
+            )
+            .unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(engine, benches, decision, replay_events);
 criterion_main!(engine);

@@ -96,6 +96,7 @@ conformance!(
     every_revocation_is_numbered_in_the_change_feed,
     events_are_filtered_paged_in_time_order_and_pruned,
     a_first_sighting_creates_the_session_once_whoever_comes_second,
+    large_write_behind_and_event_batches_land_whole,
 );
 
 async fn events_are_filtered_paged_in_time_order_and_pruned(backend: Backend) {
@@ -236,6 +237,65 @@ async fn a_first_sighting_creates_the_session_once_whoever_comes_second(backend:
     );
     assert_eq!(store.sessions_of("carol").await.unwrap().len(), 1);
     assert_eq!(session("own", "dave", T0, 0).foreign_issuer(), None);
+}
+
+async fn large_write_behind_and_event_batches_land_whole(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    // More rows than one multi-row statement holds.
+    let n = 450;
+    for i in 0..n {
+        store
+            .create_session(
+                &session(&format!("s{i}"), "alice", T0, 0),
+                &refresh(&format!("h{i}"), T0),
+            )
+            .await
+            .unwrap();
+    }
+    let batch: Vec<tokenwarden::store::LastSeen> = (0..n)
+        .map(|i| tokenwarden::store::LastSeen {
+            session_id: format!("s{i}"),
+            at: T0 + 10 + i as i64,
+            observation: format!("obs-{i}"),
+            risk: i as f64,
+            risk_at_ms: (T0 + 10) * 1000,
+        })
+        .collect();
+    store.save_last_seen(&batch).await.unwrap();
+    for i in [0, 199, 200, 449] {
+        let s = store.session(&format!("s{i}")).await.unwrap().unwrap();
+        assert_eq!(
+            (s.last_seen_at, s.last_seen_info.as_deref(), s.risk),
+            (
+                T0 + 10 + i as i64,
+                Some(format!("obs-{i}").as_str()),
+                i as f64
+            )
+        );
+    }
+    let events: Vec<tokenwarden::store::StoredEvent> = (0..n)
+        .map(|i| tokenwarden::store::StoredEvent {
+            ts_ms: T0 * 1000 + i as i64,
+            kind: "request".into(),
+            session_id: Some(format!("s{i}")),
+            subject: Some("alice".into()),
+            decision: Some("allow".into()),
+            event: format!("{{\"n\":{i}}}"),
+        })
+        .collect();
+    store.insert_events(&events).await.unwrap();
+    let stored = store
+        .events(&tokenwarden::store::EventFilter {
+            after: (i64::MIN, 0),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), n);
+    assert_eq!(stored[449].2, "{\"n\":449}");
 }
 
 async fn every_revocation_is_numbered_in_the_change_feed(backend: Backend) {

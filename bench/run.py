@@ -1,0 +1,389 @@
+#!/usr/bin/env python3
+"""tokenwarden side by side with a bare axum server: one command, loopback only.
+
+    python3 bench/run.py            # the whole run (about 5 minutes)
+    python3 bench/run.py --quick    # shorter runs, fewer tokens (a smoke test)
+
+Servers are pinned to core 0, the load generator (wrk, Debian) to core 1. Every
+figure is printed as a ratio to the reference measured in the same run: the
+machines are noisy, absolute numbers drift, ratios hold. The reference runs first
+and last; a drift over 15 % is flagged. Nothing here is a pass/fail test.
+"""
+
+import argparse
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = ROOT / "target" / "release"
+SERVER_CORE, LOAD_CORE = "0", "1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except Exception:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not answer within {timeout} s")
+
+
+def wait_port(port, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port} after {timeout} s")
+
+
+def cpu_seconds(pid):
+    """User + system CPU of a process and all its threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class Process:
+    def __init__(self, args, core=SERVER_CORE, env=None, cwd=None):
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", core, *map(str, args)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+        )
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def parse_duration_ms(text):
+    value, unit = re.match(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def wrk(url, tokens, mode, seconds, connections=64, rate=0, app_key="", pids=()):
+    """One wrk run on the load core; returns rate, latencies and server CPU."""
+    env = {
+        "TW_TOKENS": str(tokens),
+        "TW_MODE": mode,
+        "TW_APP_KEY": app_key,
+        "TW_RATE": str(rate),
+        "TW_CONNECTIONS": str(connections),
+    }
+    cpu_before = sum(cpu_seconds(p) for p in pids)
+    started = time.monotonic()
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+         "--latency", "-s", str(ROOT / "bench" / "requests.lua"), url],
+        capture_output=True, text=True, env={**os.environ, **env}, check=True,
+    ).stdout
+    wall = time.monotonic() - started
+    cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    latency = {p: parse_duration_ms(v) for p, v in re.findall(r"^\s+(50|90|99)%\s+(\S+)", out, re.M)}
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "requests": requests,
+        "p50": latency.get("50"),
+        "p90": latency.get("90"),
+        "p99": latency.get("99"),
+        "refused": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1) if errors else "",
+        "cpu_per_request_us": cpu / requests * 1e6 if requests else None,
+        "server_cpu_share": cpu / wall,
+    }
+
+
+def build():
+    log("building (release): tokenwarden and the bench examples")
+    subprocess.run(
+        ["cargo", "build", "--release", "--bin", "tokenwarden", "--example", "bench-reference",
+         "--example", "bench-tokens"],
+        cwd=ROOT, check=True,
+    )
+
+
+class Tokenwarden:
+    """tokenwarden on SQLite with one signing key of `alg`, the default rules and
+    MaxMind's test GeoIP databases; forwarding headers believed from loopback."""
+
+    def __init__(self, work, alg):
+        self.dir = Path(work) / f"tokenwarden-{alg}"
+        self.dir.mkdir()
+        self.port, self.admin_port = free_port(), free_port()
+        self.app_key = secrets.token_hex(32)
+        self.key = self.dir / "bench.key"
+        subprocess.run([RELEASE / "tokenwarden", "keys", "generate", "--alg", alg, "--out", self.key],
+                       check=True, capture_output=True)
+        geoip = ROOT / "tests" / "data" / "geoip"
+        config = self.dir / "tokenwarden.toml"
+        config.write_text(f"""
+database_url = "sqlite://{self.dir}/tw.db"
+listen = "127.0.0.1:{self.port}"
+admin_listen = "127.0.0.1:{self.admin_port}"
+data_dir = "{self.dir}"
+rules = "{ROOT}/rules/default.toml"
+geoip_city = "{geoip}/GeoIP2-City-Test.mmdb"
+geoip_asn = "{geoip}/GeoLite2-ASN-Test.mmdb"
+trusted_proxies = ["127.0.0.1/32"]
+metrics_open = true
+log = "warn"
+[[apps]]
+id = "bench"
+key_sha256 = "{hashlib.sha256(self.app_key.encode()).hexdigest()}"
+[tokens]
+access_ttl = "1h"
+[[keys]]
+kid = "bench"
+alg = "{alg}"
+path = "{self.key}"
+""")
+        self.alg = alg
+        self.proc = Process([RELEASE / "tokenwarden", "--config", config, "serve"], cwd=self.dir)
+        self.base = f"http://127.0.0.1:{self.port}"
+        wait_http(f"{self.base}/healthz")
+
+    def tokens(self, sessions, cold):
+        out = self.dir / "requests.tsv"
+        log(f"  {self.alg}: opening {sessions} sessions, writing {cold} never-seen tokens")
+        subprocess.run(
+            ["taskset", "-c", LOAD_CORE, RELEASE / "examples" / "bench-tokens", self.base, self.app_key,
+             self.key, self.alg, str(sessions), str(cold), out],
+            check=True, capture_output=True,
+        )
+        return out, Path(f"{out}.cold")
+
+    def metric(self, name):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics").read().decode()
+        values = [float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+        return sum(values) if values else None
+
+
+NGINX_CONF = """
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log error;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    upstream authorizer {{ server {auth}; keepalive 64; }}
+    upstream app {{ server {app}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location = /_auth {{
+            internal;
+            proxy_pass http://authorizer/v1/forward-auth;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Original-Method $request_method;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }}
+        location / {{
+            auth_request /_auth;
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def nginx(work, name, auth, app):
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    d = Path(work) / f"nginx-{name}"
+    d.mkdir()
+    port = free_port()
+    (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, auth=auth, app=app, port=port))
+    proc = Process([binary, "-e", "stderr", "-p", d, "-c", d / "nginx.conf", "-g", "daemon off;"])
+    wait_port(port)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def pids_of(proc):
+    """The process and its children (nginx's worker)."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    kids = [int(p) for p in children.read_text().split()] if children.exists() else []
+    nested = []
+    for k in kids:
+        c = Path(f"/proc/{k}/task/{k}/children")
+        if c.exists():
+            nested += [int(p) for p in c.read_text().split()]
+    return [proc.pid, *kids, *nested]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short runs and fewer tokens")
+    ap.add_argument("--seconds", type=int, default=None, help="length of each run")
+    ap.add_argument("--sessions", type=int, default=None, help="distinct sessions and tokens")
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    seconds = args.seconds or (2 if args.quick else 6)
+    sessions = args.sessions or (2000 if args.quick else 10000)
+    for tool in ("wrk", "taskset"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is missing: apt-get install {'wrk' if tool == 'wrk' else 'util-linux'}")
+    if os.cpu_count() < 2:
+        raise SystemExit("two cores are needed: one for the servers, one for the load")
+    if not args.no_build:
+        build()
+
+    rows = []  # (what, measured, reference, ratio, target, met)
+
+    def row(what, value, reference, target=None, lower_is_better=False, unit=""):
+        ratio = value / reference if value and reference else None
+        met = None
+        if target is not None and ratio is not None:
+            met = ratio <= target if lower_is_better else ratio >= target
+        rows.append((what, value, reference, ratio, target, lower_is_better, met, unit))
+
+    with tempfile.TemporaryDirectory(prefix="tokenwarden-bench-") as work:
+        ref_port = free_port()
+        reference = Process([RELEASE / "examples" / "bench-reference", ref_port])
+        ref_url = f"http://127.0.0.1:{ref_port}"
+        wait_http(f"{ref_url}/healthz")
+
+        # The reference ignores tokens; any request file gives it the same request shape.
+        first = Tokenwarden(work, "HS512")
+        warm, cold = first.tokens(sessions, 0 if args.quick else 25_000 * seconds)
+        ref = {}
+        log("reference (first)")
+        ref["fa_first"] = wrk(ref_url, warm, "forward-auth", seconds, pids=[reference.pid])
+        ref["verify"] = wrk(ref_url, warm, "verify", seconds, pids=[reference.pid])
+        ref["cpu2000"] = wrk(ref_url, warm, "forward-auth", seconds, connections=16, rate=2000, pids=[reference.pid])
+        ref["lat10000"] = wrk(ref_url, warm, "forward-auth", seconds, connections=64, rate=10000, pids=[reference.pid])
+
+        results = {}
+        for alg in ("HS512", "ES256", "EdDSA"):
+            tw = first if alg == "HS512" else Tokenwarden(work, alg)
+            w, c = (warm, cold) if alg == "HS512" else tw.tokens(sessions, 0)
+            pid = [tw.proc.pid]
+            log(f"tokenwarden {alg}")
+            # Two passes over the file first, so every token has been seen (warm).
+            wrk(tw.base, w, "forward-auth", max(2, seconds // 2), pids=pid)
+            r = {
+                "fa": wrk(tw.base, w, "forward-auth", seconds, pids=pid),
+                "verify": wrk(tw.base, w, "verify", seconds, app_key=tw.app_key, pids=pid),
+                "cpu2000": wrk(tw.base, w, "forward-auth", seconds, connections=16, rate=2000, pids=pid),
+                "lat10000": wrk(tw.base, w, "forward-auth", seconds, connections=64, rate=10000, pids=pid),
+            }
+            if alg == "HS512" and not args.quick:
+                r["cold"] = wrk(tw.base, c, "forward-auth", seconds, pids=pid)
+                r["cold_tokens"] = sum(1 for _ in open(c))
+            r["dropped"] = tw.metric("tokenwarden_events_dropped_total")
+            r["decisions"] = tw.metric("tokenwarden_requests_total")
+            results[alg] = r
+            if alg == "HS512":
+                log("nginx in front: tokenwarden forward-auth vs the reference as the authorizer")
+                app_port = free_port()
+                upstream = Process([RELEASE / "examples" / "bench-reference", app_port])
+                wait_http(f"http://127.0.0.1:{app_port}/")
+                ng_ref, ng_ref_url = nginx(work, "reference", f"127.0.0.1:{ref_port}", f"127.0.0.1:{app_port}")
+                ng_tw, ng_tw_url = nginx(work, "tokenwarden", f"127.0.0.1:{tw.port}", f"127.0.0.1:{app_port}")
+                r["nginx_ref"] = wrk(ng_ref_url, w, "gateway", seconds,
+                                     pids=[*pids_of(ng_ref.proc), reference.pid, upstream.pid])
+                r["nginx_tw"] = wrk(ng_tw_url, w, "gateway", seconds,
+                                    pids=[*pids_of(ng_tw.proc), tw.proc.pid, upstream.pid])
+                for p in (ng_ref, ng_tw, upstream):
+                    p.stop()
+            if tw is not first:
+                tw.proc.stop()
+        first.proc.stop()
+        log("reference (last)")
+        ref["fa_last"] = wrk(ref_url, warm, "forward-auth", seconds, pids=[reference.pid])
+        reference.stop()
+
+    # The report.
+    ref_fa = ref["fa_first"]["rps"]
+    for alg, r in results.items():
+        row(f"{alg} forward-auth, warm tokens: saturation", r["fa"]["rps"], ref_fa, 0.8, unit="req/s")
+        row(f"{alg} /v1/verify, warm tokens: saturation", r["verify"]["rps"], ref["verify"]["rps"], 0.8, unit="req/s")
+        if "cold" in r:
+            row(f"{alg} forward-auth, never-seen tokens: saturation", r["cold"]["rps"], ref_fa, 0.5, unit="req/s")
+        row(f"{alg} CPU per request at 2000 req/s", r["cpu2000"]["cpu_per_request_us"],
+            ref["cpu2000"]["cpu_per_request_us"], 1.3, lower_is_better=True, unit="µs")
+        for p in ("p50", "p90", "p99"):
+            row(f"{alg} {p} at 10000 req/s", r["lat10000"][p], ref["lat10000"][p],
+                1.3 if p == "p50" else None, lower_is_better=True, unit="ms")
+        if "nginx_tw" in r:
+            row("nginx → tokenwarden forward-auth vs nginx → bare axum authorizer: saturation",
+                r["nginx_tw"]["rps"], r["nginx_ref"]["rps"], 0.9, unit="req/s")
+
+    print(f"\n## tokenwarden vs a bare axum server ({sessions} sessions, {seconds} s runs, "
+          f"server on core {SERVER_CORE}, wrk on core {LOAD_CORE})\n")
+    print("| measure | tokenwarden | reference | ratio | target | |")
+    print("|---|---:|---:|---:|---:|---|")
+    for what, value, reference_value, ratio, target, lower, met, unit in rows:
+        fmt = (lambda v: f"{v:,.0f} {unit}") if unit == "req/s" else (lambda v: f"{v:.3g} {unit}")
+        t = "" if target is None else (f"≤ {target}×" if lower else f"≥ {target}×")
+        verdict = "" if met is None else ("met" if met else "**missed**")
+        print(f"| {what} | {fmt(value) if value else '-'} | {fmt(reference_value) if reference_value else '-'} "
+              f"| {ratio:.2f}× | {t} | {verdict} |" if ratio else f"| {what} | - | - | - | {t} | |")
+
+    print("\nDetails:\n")
+    for alg, r in results.items():
+        fa = r["fa"]
+        print(f"- {alg}: forward-auth {fa['requests']:,} requests ({fa['refused']:,} refused by design: "
+              f"bad, expired, revoked tokens), server CPU {fa['server_cpu_share']:.0%} of a core; "
+              f"decisions {r['decisions'] or 0:,.0f}, audit events dropped {r['dropped'] or 0:,.0f}"
+              + (f"; never-seen run used {r['cold']['requests']:,} of {r['cold_tokens']:,} tokens"
+                 if "cold" in r else ""))
+    print(f"- reference: {ref['fa_first']['rps']:,.0f} req/s first, {ref['fa_last']['rps']:,.0f} last; "
+          f"server CPU {ref['fa_first']['server_cpu_share']:.0%} of a core at saturation; "
+          f"at 2000 req/s {ref['cpu2000']['rps']:,.0f} req/s achieved")
+    drift = abs(ref["fa_last"]["rps"] - ref_fa) / ref_fa
+    if drift > 0.15:
+        print(f"\n**WARNING: the reference drifted {drift:.0%} between the first and the last run: "
+              "the machine was busy; run again before trusting these ratios.**")
+    else:
+        print(f"- reference drift between first and last run: {drift:.1%} (under 15 %)")
+    if ref["fa_first"]["server_cpu_share"] < 0.9:
+        print("- note: the reference did not use its whole core at saturation: the load generator "
+              "is the limit there, so saturation ratios are flattered towards 1.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+//! The ceiling the benchmark harness compares against: a bare axum server that
+//! answers every route tokenwarden serves with 200 and a small body, reading the
+//! request body as tokenwarden does. `cargo run --release --example bench-reference -- PORT`.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::routing::any;
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let port: u16 = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(7000);
+    let app = Router::new().fallback(any(|_body: Bytes| async { r#"{"decision":"allow"}"# }));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    axum::serve(listener, app).await
+}
