@@ -55,11 +55,19 @@ const POSTGRES: Dialect = Dialect {
 /// The channel nodes LISTEN on; the payload is the new sequence number.
 pub const CHANGE_CHANNEL: &str = "tokenwarden_changes";
 
-const INSERT_SESSION: &str = "INSERT INTO sessions (session_id, subject, created_at, last_seen_at, auth_time, ip, user_agent, binding, acr, amr, claims, state, revoked_at, revoked_reason, epoch, epoch_until, user_generation, access_exp_max, binding_info, risk, risk_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)";
+/// The session row's columns and placeholders, for the two INSERTs below.
+macro_rules! insert_session_sql {
+    () => {
+        "INSERT INTO sessions (session_id, subject, created_at, last_seen_at, auth_time, ip, user_agent, binding, acr, amr, claims, state, revoked_at, revoked_reason, epoch, epoch_until, user_generation, access_exp_max, binding_info, risk, risk_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+    };
+}
+const INSERT_SESSION: &str = insert_session_sql!();
 /// A session of another issuer, first sighted: created once, whichever node sees it first.
-const INSERT_SESSION_IF_ABSENT: &str = "INSERT INTO sessions (session_id, subject, created_at, last_seen_at, auth_time, ip, user_agent, binding, acr, amr, claims, state, revoked_at, revoked_reason, epoch, epoch_until, user_generation, access_exp_max, binding_info, risk, risk_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) ON CONFLICT (session_id) DO NOTHING";
+const INSERT_SESSION_IF_ABSENT: &str = concat!(
+    insert_session_sql!(),
+    " ON CONFLICT (session_id) DO NOTHING"
+);
 const RAISE_ACCESS_EXP: &str =
     "UPDATE sessions SET access_exp_max = $2 WHERE session_id = $1 AND access_exp_max < $2";
 const INSERT_REFRESH: &str = "INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at) VALUES ($1, $2, $3, $4, $5)";
@@ -109,6 +117,34 @@ const LIVE_REVOKED_SESSIONS: &str = "SELECT session_id, access_exp_max FROM sess
 const LIVE_EPOCHS: &str = "SELECT session_id, epoch, epoch_until FROM sessions WHERE epoch > 0 AND epoch_until >= $1 AND state <> 'revoked'";
 const LIVE_GENERATIONS: &str =
     "SELECT subject, generation, valid_until FROM users WHERE valid_until >= $1";
+
+/// Binds every column of a session row, in `insert_session_sql!` order.
+macro_rules! bind_session {
+    ($query:expr, $s:expr) => {
+        $query
+            .bind(&$s.session_id)
+            .bind(&$s.subject)
+            .bind($s.created_at)
+            .bind($s.last_seen_at)
+            .bind($s.auth_time)
+            .bind(&$s.ip)
+            .bind(&$s.user_agent)
+            .bind(&$s.binding)
+            .bind(&$s.acr)
+            .bind(&$s.amr)
+            .bind(&$s.claims)
+            .bind(&$s.state)
+            .bind($s.revoked_at)
+            .bind(&$s.revoked_reason)
+            .bind($s.epoch)
+            .bind($s.epoch_until)
+            .bind($s.user_generation)
+            .bind($s.access_exp_max)
+            .bind(&$s.binding_info)
+            .bind($s.risk)
+            .bind($s.risk_at)
+    };
+}
 
 macro_rules! sql_store {
     ($store:ident, $db:ty, $pool:ty, $dialect:expr, $migrator:expr, $backend:literal) => {
@@ -163,28 +199,7 @@ macro_rules! sql_store {
                 s: &SessionRecord,
             ) -> Result<SessionRecord, StoreError> {
                 let mut tx = self.pool.begin_with($dialect.begin_write).await?;
-                sqlx::query(INSERT_SESSION_IF_ABSENT)
-                    .bind(&s.session_id)
-                    .bind(&s.subject)
-                    .bind(s.created_at)
-                    .bind(s.last_seen_at)
-                    .bind(s.auth_time)
-                    .bind(&s.ip)
-                    .bind(&s.user_agent)
-                    .bind(&s.binding)
-                    .bind(&s.acr)
-                    .bind(&s.amr)
-                    .bind(&s.claims)
-                    .bind(&s.state)
-                    .bind(s.revoked_at)
-                    .bind(&s.revoked_reason)
-                    .bind(s.epoch)
-                    .bind(s.epoch_until)
-                    .bind(s.user_generation)
-                    .bind(s.access_exp_max)
-                    .bind(&s.binding_info)
-                    .bind(s.risk)
-                    .bind(s.risk_at)
+                bind_session!(sqlx::query(INSERT_SESSION_IF_ABSENT), s)
                     .execute(&mut *tx)
                     .await?;
                 let stored: SessionRecord = sqlx::query_as(SELECT_SESSION)
@@ -210,28 +225,7 @@ macro_rules! sql_store {
                 refresh: &NewRefresh,
             ) -> Result<(), StoreError> {
                 let mut tx = self.pool.begin_with($dialect.begin_write).await?;
-                sqlx::query(INSERT_SESSION)
-                    .bind(&s.session_id)
-                    .bind(&s.subject)
-                    .bind(s.created_at)
-                    .bind(s.last_seen_at)
-                    .bind(s.auth_time)
-                    .bind(&s.ip)
-                    .bind(&s.user_agent)
-                    .bind(&s.binding)
-                    .bind(&s.acr)
-                    .bind(&s.amr)
-                    .bind(&s.claims)
-                    .bind(&s.state)
-                    .bind(s.revoked_at)
-                    .bind(&s.revoked_reason)
-                    .bind(s.epoch)
-                    .bind(s.epoch_until)
-                    .bind(s.user_generation)
-                    .bind(s.access_exp_max)
-                    .bind(&s.binding_info)
-                    .bind(s.risk)
-                    .bind(s.risk_at)
+                bind_session!(sqlx::query(INSERT_SESSION), s)
                     .execute(&mut *tx)
                     .await?;
                 sqlx::query(INSERT_REFRESH)

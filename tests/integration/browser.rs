@@ -7,13 +7,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
-use crate::support::{APP_KEY, Fixture, TestApp, settings};
+use crate::support::{APP_KEY, Fixture, KillOnDrop, TestApp, free_port, settings};
 
 #[path = "../../examples/demo/app.rs"]
 mod demo_app;
@@ -21,23 +21,6 @@ mod demo_app;
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const NGINX: &str = "/usr/sbin/nginx";
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -133,7 +116,7 @@ async fn a_user_is_asked_to_confirm_with_the_honest_reason_and_the_thief_is_shut
             .replace("@DIR@", &dir.path().display().to_string()),
     )
     .unwrap();
-    let _nginx = Process(
+    let _nginx = KillOnDrop(
         Command::new(NGINX)
             .args(["-e", "stderr", "-p"])
             .arg(dir.path())
@@ -146,7 +129,7 @@ async fn a_user_is_asked_to_confirm_with_the_honest_reason_and_the_thief_is_shut
             .unwrap(),
     );
     let driver_port = free_port();
-    let _driver = Process(
+    let _driver = KillOnDrop(
         Command::new(CHROMEDRIVER)
             .arg(format!("--port={driver_port}"))
             .stdout(Stdio::null())

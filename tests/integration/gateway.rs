@@ -4,29 +4,12 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{Fixture, TestApp, USER_AGENT, s, settings};
-
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::support::{Fixture, KillOnDrop, TestApp, USER_AGENT, free_port, s, settings};
 
 /// A recipe from `examples/gateways/`, filled in.
 fn recipe(
@@ -146,7 +129,7 @@ async fn behind(gateway: Gateway) {
             c
         }
     };
-    let _proxy = Proxy(
+    let _proxy = KillOnDrop(
         command
             .stdout(Stdio::null())
             .stderr(Stdio::null())

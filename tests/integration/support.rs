@@ -11,6 +11,25 @@ use tokenwarden::clock::ManualClock;
 use tokenwarden::config::{FileConfig, KeyAlgorithm, KeyEntry, Settings, TokensSection};
 use tokenwarden::http::Application;
 
+/// A child process (a gateway, a browser driver) killed when the test ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A fixed start time, so expiry and grace windows are exact.
 pub const T0: i64 = 1_800_000_000;
 pub const APP_KEY: &str = "test-app-key-0123456789abcdefghijklmnop";
