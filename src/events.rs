@@ -208,6 +208,11 @@ impl Event {
     }
 }
 
+/// Most events stored in one statement.
+pub const BATCH: usize = 2000;
+/// Longest an event waits for its batch to fill before it is written.
+pub const LINGER: Duration = Duration::from_millis(100);
+
 /// The bounded queue in front of the event writer, and live subscribers.
 pub struct EventSink {
     tx: mpsc::Sender<Event>,
@@ -287,22 +292,35 @@ impl EventSink {
         self.written.load(Ordering::Relaxed)
     }
 
-    /// Events waiting to be written.
+    /// Events accepted and not yet stored: those in the queue and those in the
+    /// batch being gathered or written.
     pub fn depth(&self) -> usize {
-        self.capacity - self.tx.capacity()
+        let done =
+            self.written.load(Ordering::Relaxed) + self.dropped_failed.load(Ordering::Relaxed);
+        usize::try_from(self.accepted.load(Ordering::Relaxed).saturating_sub(done))
+            .unwrap_or(usize::MAX)
     }
 
     /// Stores queued events in batches until the queue closes. A failed batch is
     /// logged and counted as dropped; the writer goes on.
+    ///
+    /// A batch is written when it holds [`BATCH`] events or [`LINGER`] after its
+    /// first event, whichever comes first: each batch is one statement, so fuller
+    /// batches wake the database less often at low rates, and a busy queue never
+    /// waits for the timer.
     pub async fn run_writer(self: Arc<Self>, mut rx: mpsc::Receiver<Event>, store: SharedStore) {
-        const BATCH: usize = 500;
-        let mut batch = Vec::with_capacity(BATCH);
+        // The batch never holds more than the queue does: at most twice the configured
+        // queue is ever in memory, and a stalled database fills the queue as soon.
+        let limit = BATCH.min(self.capacity);
+        let mut batch = Vec::with_capacity(limit);
         while let Some(first) = rx.recv().await {
             batch.push(first);
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(e) => batch.push(e),
-                    Err(_) => break,
+            let deadline = tokio::time::Instant::now() + LINGER;
+            while batch.len() < limit {
+                let room = limit - batch.len();
+                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
                 }
             }
             let queued = batch.len();

@@ -19,6 +19,11 @@ use crate::store::{LastSeen, STATE_STEP_UP, SessionRecord};
 /// The rule set used when no rule file is configured.
 pub const DEFAULT_RULES: &str = include_str!("../rules/default.toml");
 
+/// A session whose last sighting only moved on in time (same address and browser,
+/// no new risk) is written behind at most this often; any other change is written
+/// at the next write-behind.
+pub const LAST_SEEN_HEARTBEAT_MS: i64 = 60_000;
+
 /// Most keys one rate limiter holds before it prunes idle ones.
 const RATE_KEYS_MAX: usize = 100_000;
 
@@ -61,8 +66,10 @@ pub struct Monitor {
     limiters: RateLimiters,
     sessions: DashMap<String, SessionState>,
     users: DashMap<String, UserState>,
-    /// Sessions whose last observation changed since the last write-behind.
-    dirty: DashMap<String, ()>,
+    /// Sessions whose last observation changed since the last write-behind, and
+    /// whether the change matters now (new address or browser, new risk) or can
+    /// wait for the heartbeat.
+    dirty: DashMap<String, bool>,
     clock: SharedClock,
 }
 
@@ -203,6 +210,7 @@ impl Monitor {
         state.risk = session.risk;
         state.risk_at_ms = session.risk_at;
         state.step_up = session.state == STATE_STEP_UP;
+        state.saved_ms = self.clock.now_millis();
         state.user_generation = session.user_generation;
         state.access_exp_max = session.access_exp_max;
         if state.step_up {
@@ -241,10 +249,11 @@ impl Monitor {
         }
     }
 
-    /// Marks sessions whose last observation still has to be written.
+    /// Marks sessions whose last observation still has to be written (at the next
+    /// write-behind).
     pub fn mark_dirty(&self, ids: impl IntoIterator<Item = String>) {
         for id in ids {
-            self.dirty.insert(id, ());
+            self.dirty.insert(id, true);
         }
     }
 
@@ -325,8 +334,19 @@ impl Monitor {
         // Lock order: session, then user (everywhere).
         let mut user = self.users.entry(subject.to_owned()).or_default();
         let flagged_before = session.step_up;
+        let moved = session
+            .last_allowed
+            .as_ref()
+            .is_none_or(|o| o.client.ip != client.ip || o.client.ua != client.ua);
         let evaluation = assess(&rules, &self.limiters, &ctx, &mut session, &mut user);
-        self.dirty.insert(session_id.to_owned(), ());
+        let material = moved || evaluation.score > 0 || session.step_up != flagged_before;
+        // Lock order: session, then the dirty set (as in `take_dirty`).
+        match self.dirty.get_mut(session_id) {
+            Some(mut m) => *m |= material,
+            None => {
+                self.dirty.insert(session_id.to_owned(), material);
+            }
+        }
         Some(Assessment {
             newly_stepped_up: session.step_up && !flagged_before,
             evaluation,
@@ -334,13 +354,31 @@ impl Monitor {
         })
     }
 
-    /// The last observations changed since the previous call, for the write-behind.
-    pub fn take_dirty(&self) -> Vec<LastSeen> {
-        let ids: Vec<String> = self.dirty.iter().map(|e| e.key().clone()).collect();
-        ids.into_iter()
-            .filter_map(|id| {
+    /// The last observations to write behind: every session whose sighting changed
+    /// materially since the previous call, and those that only moved on in time once
+    /// [`LAST_SEEN_HEARTBEAT_MS`] has passed since they were last written. `all`
+    /// takes every changed session (at shutdown).
+    pub fn take_dirty(&self, all: bool) -> Vec<LastSeen> {
+        let now = self.clock.now_millis();
+        let candidates: Vec<(String, bool)> = self
+            .dirty
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect();
+        candidates
+            .into_iter()
+            .filter_map(|(id, material)| {
+                let Some(mut s) = self.sessions.get_mut(&id) else {
+                    self.dirty.remove(&id);
+                    return None;
+                };
+                if !(all || material || now - s.saved_ms >= LAST_SEEN_HEARTBEAT_MS) {
+                    return None;
+                }
+                // Removed before the state is read: a request scored after this
+                // marks the session again.
                 self.dirty.remove(&id);
-                let s = self.sessions.get(&id)?;
+                s.saved_ms = now;
                 // The last sure sighting: a refused request must not become the
                 // baseline of a node that reloads the session.
                 let last = s.last_allowed.as_ref()?;
@@ -397,9 +435,58 @@ mod tests {
                 .assess(RequestKind::Request, ("j", "busy", "bob"), &request, false)
                 .is_some()
         );
-        let _ = monitor.take_dirty();
+        let _ = monitor.take_dirty(true);
         monitor.maintain(clock.now_millis() - 330_000);
         assert!(!monitor.knows("idle") && !monitor.knows_user("alice"));
         assert!(monitor.knows("busy") && monitor.knows_user("bob"));
+    }
+
+    #[test]
+    fn the_write_behind_sends_moves_at_once_and_routine_sightings_on_the_heartbeat() {
+        let clock = Arc::new(ManualClock::at(1_800_000_000));
+        let enricher =
+            Enricher::new(EnrichConfig::default(), Arc::new(UaParser::new().unwrap())).unwrap();
+        let monitor = Monitor::new(None, Arc::new(enricher), clock.clone()).unwrap();
+        let home: IpAddr = "192.0.2.1".parse().unwrap();
+        monitor.bind("s1", "alice", monitor.enrich(home, "curl/8"));
+        let from = |ip: &str| RequestInfo {
+            ip: Some(ip.parse().unwrap()),
+            user_agent: Some("curl/8".into()),
+            ..RequestInfo::default()
+        };
+        let seen = |request: &RequestInfo| {
+            monitor
+                .assess(RequestKind::Request, ("j", "s1", "alice"), request, false)
+                .expect("loaded");
+        };
+        let written =
+            |all: bool| -> Vec<i64> { monitor.take_dirty(all).iter().map(|l| l.at).collect() };
+
+        clock.advance(std::time::Duration::from_secs(5));
+        seen(&from("192.0.2.1"));
+        assert!(written(false).is_empty(), "same place, no risk: waits");
+        clock.advance(std::time::Duration::from_secs(30));
+        seen(&from("192.0.2.1"));
+        assert!(written(false).is_empty(), "still within the heartbeat");
+        clock.advance(std::time::Duration::from_secs(30));
+        assert_eq!(
+            written(false),
+            [1_800_000_035],
+            "the heartbeat writes the latest sighting even without a new request"
+        );
+        assert!(written(false).is_empty(), "and only once");
+
+        clock.advance(std::time::Duration::from_secs(1));
+        seen(&from("198.51.100.9"));
+        assert_eq!(
+            written(false),
+            [1_800_000_066],
+            "a new address is written at once"
+        );
+
+        clock.advance(std::time::Duration::from_secs(1));
+        seen(&from("198.51.100.9"));
+        assert!(written(false).is_empty());
+        assert_eq!(written(true), [1_800_000_067], "shutdown writes everything");
     }
 }

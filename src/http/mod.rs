@@ -300,7 +300,7 @@ impl Application {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tick.tick().await;
-                    flush_last_seen(&sessions).await;
+                    flush_last_seen(&sessions, false).await;
                 }
             })
         };
@@ -322,7 +322,7 @@ impl Application {
         pruner.abort();
         reloader.abort();
         writer.abort();
-        flush_last_seen(&self_sessions).await;
+        flush_last_seen(&self_sessions, true).await;
         // Let the event writer drain what is queued (bounded), then stop it.
         if let (Some(task), Some(sink)) = (event_writer, self_sessions.event_sink()) {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -340,8 +340,8 @@ impl Application {
     }
 }
 
-async fn flush_last_seen(sessions: &SessionService) {
-    let batch = sessions.monitor().take_dirty();
+async fn flush_last_seen(sessions: &SessionService, all: bool) {
+    let batch = sessions.monitor().take_dirty(all);
     if let Err(e) = sessions.store().save_last_seen(&batch).await {
         tracing::warn!(error = %e, sessions = batch.len(), "cannot save last-seen observations; will retry");
         sessions

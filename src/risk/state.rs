@@ -43,6 +43,10 @@ pub struct SessionState {
     /// issuer's sessions raise it as new tokens of theirs appear).
     #[serde(default)]
     pub access_exp_max: i64,
+    /// When the store last received this session's last sighting (or the session
+    /// was opened or loaded), in milliseconds: the write-behind's heartbeat.
+    #[serde(default)]
+    pub saved_ms: i64,
 }
 
 impl SessionState {
@@ -58,6 +62,7 @@ impl SessionState {
     /// and concurrent-use checks start from the sign-in).
     pub fn opened(subject: &str, binding: ClientInfo, at_ms: i64) -> Self {
         let mut s = Self::new(subject, Some(binding.clone()));
+        s.saved_ms = at_ms;
         s.allowed(Observation {
             at_ms,
             client: binding,

@@ -34,6 +34,10 @@ struct Dialect {
     lock_changes: Option<&'static str>,
     /// Wakes the other nodes when the transaction commits.
     notify_change: Option<&'static str>,
+    /// Batches travel as one JSON array bound to `$1`: one statement per batch, so
+    /// SQLite's connection thread is woken once per batch rather than once per row.
+    insert_events: &'static str,
+    save_last_seen: &'static str,
 }
 
 const SQLITE: Dialect = Dialect {
@@ -42,6 +46,13 @@ const SQLITE: Dialect = Dialect {
     session_for_update: "SELECT * FROM sessions WHERE session_id = $1",
     lock_changes: None,
     notify_change: None,
+    insert_events: "INSERT INTO events (ts_ms, kind, session_id, subject, decision, event) \
+         SELECT value->>'t', value->>'k', value->>'s', value->>'u', value->>'d', value->>'e' \
+         FROM json_each($1) ORDER BY key",
+    save_last_seen: "UPDATE sessions SET last_seen_at = b.a, last_seen_info = b.o, risk = b.r, risk_at = b.t \
+         FROM (SELECT value->>'s' AS s, value->>'a' AS a, value->>'o' AS o, value->>'r' AS r, value->>'t' AS t \
+               FROM json_each($1)) AS b \
+         WHERE sessions.session_id = b.s AND sessions.last_seen_at <= b.a",
 };
 
 const POSTGRES: Dialect = Dialect {
@@ -50,7 +61,66 @@ const POSTGRES: Dialect = Dialect {
     session_for_update: "SELECT * FROM sessions WHERE session_id = $1 FOR UPDATE",
     lock_changes: Some("SELECT pg_advisory_xact_lock(7243001)"),
     notify_change: Some("SELECT pg_notify('tokenwarden_changes', $1)"),
+    insert_events: "INSERT INTO events (ts_ms, kind, session_id, subject, decision, event) \
+         SELECT (e->>'t')::BIGINT, e->>'k', e->>'s', e->>'u', e->>'d', e->>'e' \
+         FROM json_array_elements($1::json) WITH ORDINALITY AS x(e, n) ORDER BY n",
+    save_last_seen: "UPDATE sessions SET last_seen_at = b.a, last_seen_info = b.o, risk = b.r, risk_at = b.t \
+         FROM json_to_recordset($1::json) AS b(s TEXT, a BIGINT, o TEXT, r DOUBLE PRECISION, t BIGINT) \
+         WHERE sessions.session_id = b.s AND sessions.last_seen_at <= b.a",
 };
+
+/// Rows per bulk statement (a JSON array of this many objects).
+const BULK_ROWS: usize = 1000;
+
+/// One audit event in a bulk insert; short keys, as the statements read them.
+#[derive(serde::Serialize)]
+struct BulkEvent<'a> {
+    t: i64,
+    k: &'a str,
+    s: Option<&'a str>,
+    u: Option<&'a str>,
+    d: Option<&'a str>,
+    e: &'a str,
+}
+
+fn bulk_events(events: &[StoredEvent]) -> Result<String, serde_json::Error> {
+    let rows: Vec<BulkEvent<'_>> = events
+        .iter()
+        .map(|e| BulkEvent {
+            t: e.ts_ms,
+            k: &e.kind,
+            s: e.session_id.as_deref(),
+            u: e.subject.as_deref(),
+            d: e.decision.as_deref(),
+            e: &e.event,
+        })
+        .collect();
+    serde_json::to_string(&rows)
+}
+
+/// One session's last sighting in a bulk update.
+#[derive(serde::Serialize)]
+struct BulkLastSeen<'a> {
+    s: &'a str,
+    a: UnixSeconds,
+    o: &'a str,
+    r: f64,
+    t: i64,
+}
+
+fn bulk_last_seen(batch: &[LastSeen]) -> Result<String, serde_json::Error> {
+    let rows: Vec<BulkLastSeen<'_>> = batch
+        .iter()
+        .map(|l| BulkLastSeen {
+            s: &l.session_id,
+            a: l.at,
+            o: &l.observation,
+            r: l.risk,
+            t: l.risk_at_ms,
+        })
+        .collect();
+    serde_json::to_string(&rows)
+}
 
 /// The channel nodes LISTEN on; the payload is the new sequence number.
 pub const CHANGE_CHANNEL: &str = "tokenwarden_changes";
@@ -101,9 +171,6 @@ const RETIRE_USER_REFRESH: &str = "UPDATE refresh_tokens SET retired_at = $2, re
 const INSERT_REVOKED_JTI: &str = "INSERT INTO revoked_jti (jti, session_id, subject, exp, revoked_at, reason) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (jti) DO NOTHING";
 const INSERT_CHANGE: &str = "INSERT INTO changes (seq, change, created_at) \
      SELECT COALESCE(MAX(seq), 0) + 1, $1, $2 FROM changes RETURNING seq";
-const SAVE_LAST_SEEN: &str = "UPDATE sessions SET last_seen_at = $2, last_seen_info = $3, risk = $4, risk_at = $5 \
-     WHERE session_id = $1 AND last_seen_at <= $2";
-const INSERT_EVENT: &str = "INSERT INTO events (ts_ms, kind, session_id, subject, decision, event) VALUES ($1, $2, $3, $4, $5, $6)";
 const SELECT_EVENTS: &str = "SELECT ts_ms, id, event FROM events WHERE (ts_ms > $1 OR (ts_ms = $1 AND id > $8)) AND ts_ms >= $2 AND ts_ms < $3 \
      AND (CAST($4 AS TEXT) IS NULL OR subject = $4) AND (CAST($5 AS TEXT) IS NULL OR session_id = $5) \
      AND (CAST($6 AS TEXT) IS NULL OR decision = $6) ORDER BY ts_ms, id LIMIT $7";
@@ -532,21 +599,15 @@ macro_rules! sql_store {
             }
 
             async fn save_last_seen(&self, batch: &[LastSeen]) -> Result<(), StoreError> {
-                if batch.is_empty() {
-                    return Ok(());
-                }
-                let mut tx = self.pool.begin_with($dialect.begin_write).await?;
-                for l in batch {
-                    sqlx::query(SAVE_LAST_SEEN)
-                        .bind(&l.session_id)
-                        .bind(l.at)
-                        .bind(&l.observation)
-                        .bind(l.risk)
-                        .bind(l.risk_at_ms)
-                        .execute(&mut *tx)
+                // Each chunk is one statement and commits on its own; a failed chunk
+                // fails the call and the caller marks every session dirty again (the
+                // `last_seen_at` guard makes writing one twice harmless).
+                for chunk in batch.chunks(BULK_ROWS) {
+                    sqlx::query($dialect.save_last_seen)
+                        .bind(bulk_last_seen(chunk)?)
+                        .execute(&self.pool)
                         .await?;
                 }
-                tx.commit().await?;
                 Ok(())
             }
 
@@ -554,19 +615,11 @@ macro_rules! sql_store {
                 if events.is_empty() {
                     return Ok(());
                 }
-                let mut tx = self.pool.begin_with($dialect.begin_write).await?;
-                for e in events {
-                    sqlx::query(INSERT_EVENT)
-                        .bind(e.ts_ms)
-                        .bind(&e.kind)
-                        .bind(&e.session_id)
-                        .bind(&e.subject)
-                        .bind(&e.decision)
-                        .bind(&e.event)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
+                // One statement: the batch is stored whole or not at all.
+                sqlx::query($dialect.insert_events)
+                    .bind(bulk_events(events)?)
+                    .execute(&self.pool)
+                    .await?;
                 Ok(())
             }
 
@@ -678,6 +731,12 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
+            // The audit log's index pages are rewritten by every batch: keep them in
+            // memory (32 MiB per connection instead of SQLite's 2 MiB) and
+            // checkpoint the WAL less often, so a hot page is copied back once per
+            // checkpoint rather than once per thousand frames.
+            .pragma("cache_size", "-32768")
+            .pragma("wal_autocheckpoint", "10000")
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
         let folder = options.get_filename().parent().map(|p| p.to_owned());
@@ -688,6 +747,9 @@ impl SqliteStore {
             })?;
         }
         let pool = SqlitePoolOptions::new()
+            // An embedded database has no connection to lose: a ping before every
+            // acquire would only cost a round trip to the connection's thread.
+            .test_before_acquire(false)
             .max_connections(4)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(3))
