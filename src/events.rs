@@ -176,10 +176,10 @@ impl Event {
 
     pub fn client(mut self, c: &ClientInfo) -> Self {
         self.ip.get_or_insert_with(|| c.ip.to_string());
-        self.country = c.country.clone();
+        self.country = c.country.as_deref().map(str::to_owned);
         self.asn = c.asn;
         if let Some(l) = &c.location {
-            self.city = l.city.clone();
+            self.city = l.city.as_deref().map(str::to_owned);
             self.latitude = Some(l.latitude);
             self.longitude = Some(l.longitude);
             self.radius_km = Some(l.radius_km);

@@ -5,9 +5,11 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
+use dashmap::mapref::one::RefMut;
 
 use crate::clock::SharedClock;
 use crate::enrich::{ClientInfo, Enricher};
@@ -19,9 +21,9 @@ use crate::store::{LastSeen, STATE_STEP_UP, SessionRecord};
 /// The rule set used when no rule file is configured.
 pub const DEFAULT_RULES: &str = include_str!("../rules/default.toml");
 
-/// A session whose last sighting only moved on in time (same address and browser,
-/// no new risk) is written behind at most this often; any other change is written
-/// at the next write-behind.
+/// Sessions whose last sighting only moved on in time (same address and browser,
+/// no new risk) are written behind together this often; any other change is
+/// written at the next write-behind (about a second).
 pub const LAST_SEEN_HEARTBEAT_MS: i64 = 60_000;
 
 /// Most keys one rate limiter holds before it prunes idle ones.
@@ -64,12 +66,16 @@ pub struct Monitor {
     last_error: ArcSwap<Option<String>>,
     enricher: Arc<Enricher>,
     limiters: RateLimiters,
-    sessions: DashMap<String, SessionState>,
-    users: DashMap<String, UserState>,
-    /// Sessions whose last observation changed since the last write-behind, and
-    /// whether the change matters now (new address or browser, new risk) or can
-    /// wait for the heartbeat.
-    dirty: DashMap<String, bool>,
+    /// Boxed: a map's slots are mostly empty at any size, so an empty slot costs a
+    /// pointer, not a whole state.
+    sessions: DashMap<String, Box<SessionState>>,
+    users: DashMap<Arc<str>, Box<UserState>>,
+    /// Sessions whose last sighting changed in a way that matters now (new address
+    /// or browser, new risk): written at the next write-behind. Routine sightings
+    /// only set the session's `unsaved` flag and wait for the heartbeat.
+    dirty: DashMap<String, ()>,
+    /// When the write-behind last swept every session for routine sightings.
+    swept_ms: AtomicI64,
     clock: SharedClock,
 }
 
@@ -93,6 +99,7 @@ impl Monitor {
             sessions: DashMap::new(),
             users: DashMap::new(),
             dirty: DashMap::new(),
+            swept_ms: AtomicI64::new(clock.now_millis()),
             clock,
         })
     }
@@ -153,12 +160,21 @@ impl Monitor {
     /// A new session, bound to the client that opened it.
     pub fn bind(&self, session_id: &str, subject: &str, client: ClientInfo) {
         let at_ms = self.clock.now_millis();
-        let state = SessionState::opened(subject, client, at_ms);
-        self.users
-            .entry(subject.to_owned())
-            .or_default()
-            .signed_in(&state);
-        self.sessions.insert(session_id.to_owned(), state);
+        let mut state = SessionState::opened(subject, client, at_ms);
+        state.subject = {
+            let mut user = self.user(subject);
+            user.signed_in(&state);
+            Arc::clone(user.key())
+        };
+        self.sessions.insert(session_id.to_owned(), Box::new(state));
+    }
+
+    /// The user's state, created empty if there is none.
+    fn user(&self, subject: &str) -> RefMut<'_, Arc<str>, Box<UserState>> {
+        match self.users.get_mut(subject) {
+            Some(user) => user,
+            None => self.users.entry(Arc::from(subject)).or_default(),
+        }
     }
 
     /// Re-authenticated: new binding, risk and step-up cleared.
@@ -168,12 +184,9 @@ impl Monitor {
         let mut session = self
             .sessions
             .entry(session_id.to_owned())
-            .or_insert_with(|| SessionState::new(subject, None));
+            .or_insert_with(|| Box::new(SessionState::new(subject, None)));
         session.rebind(client, at_ms);
-        self.users
-            .entry(subject.to_owned())
-            .or_default()
-            .signed_in(&session);
+        self.user(subject).signed_in(&session);
     }
 
     /// Rebuilds a session's state (and, the first time, its user's history) from the store.
@@ -184,7 +197,7 @@ impl Monitor {
                 .and_then(|b| serde_json::from_str::<ClientInfo>(b).ok())
         };
         if let Some(all) = user_sessions {
-            let mut user = self.users.entry(session.subject.clone()).or_default();
+            let mut user = self.user(&session.subject);
             for s in all {
                 if let Some(b) = parse(s) {
                     user.learn(&b);
@@ -210,15 +223,15 @@ impl Monitor {
         state.risk = session.risk;
         state.risk_at_ms = session.risk_at;
         state.step_up = session.state == STATE_STEP_UP;
-        state.saved_ms = self.clock.now_millis();
         state.user_generation = session.user_generation;
         state.access_exp_max = session.access_exp_max;
         if state.step_up {
             state.step_up_message = session.step_up_message.clone();
         }
+        state.subject = Arc::clone(self.user(&session.subject).key());
         self.sessions
             .entry(session.session_id.clone())
-            .or_insert(state);
+            .or_insert(Box::new(state));
     }
 
     /// The user's generation recorded with the session, and the latest access-token
@@ -253,7 +266,7 @@ impl Monitor {
     /// write-behind).
     pub fn mark_dirty(&self, ids: impl IntoIterator<Item = String>) {
         for id in ids {
-            self.dirty.insert(id, true);
+            self.dirty.insert(id, ());
         }
     }
 
@@ -308,7 +321,7 @@ impl Monitor {
             // Without the request's IP, the binding stands in for the network: IP rules
             // cannot fire; a given User-Agent still counts.
             (None, Some(bound)) => {
-                let mut c = bound.clone();
+                let mut c = ClientInfo::clone(bound);
                 if let Some(ua) = fingerprint {
                     c.ua = ua;
                 }
@@ -332,7 +345,7 @@ impl Monitor {
             refresh_reused,
         };
         // Lock order: session, then user (everywhere).
-        let mut user = self.users.entry(subject.to_owned()).or_default();
+        let mut user = self.user(subject);
         let flagged_before = session.step_up;
         let moved = session
             .last_allowed
@@ -340,12 +353,10 @@ impl Monitor {
             .is_none_or(|o| o.client.ip != client.ip || o.client.ua != client.ua);
         let evaluation = assess(&rules, &self.limiters, &ctx, &mut session, &mut user);
         let material = moved || evaluation.score > 0 || session.step_up != flagged_before;
+        session.unsaved = true;
         // Lock order: session, then the dirty set (as in `take_dirty`).
-        match self.dirty.get_mut(session_id) {
-            Some(mut m) => *m |= material,
-            None => {
-                self.dirty.insert(session_id.to_owned(), material);
-            }
+        if material && !self.dirty.contains_key(session_id) {
+            self.dirty.insert(session_id.to_owned(), ());
         }
         Some(Assessment {
             newly_stepped_up: session.step_up && !flagged_before,
@@ -354,31 +365,30 @@ impl Monitor {
         })
     }
 
-    /// The last observations to write behind: every session whose sighting changed
-    /// materially since the previous call, and those that only moved on in time once
-    /// [`LAST_SEEN_HEARTBEAT_MS`] has passed since they were last written. `all`
-    /// takes every changed session (at shutdown).
+    /// The last sightings to write behind: every session whose sighting changed
+    /// materially since the previous call and, once [`LAST_SEEN_HEARTBEAT_MS`] has
+    /// passed since the last sweep, every other session scored since it was last
+    /// written. `all` takes every unwritten session (at shutdown).
     pub fn take_dirty(&self, all: bool) -> Vec<LastSeen> {
         let now = self.clock.now_millis();
-        let candidates: Vec<(String, bool)> = self
-            .dirty
-            .iter()
-            .map(|e| (e.key().clone(), *e.value()))
-            .collect();
-        candidates
-            .into_iter()
-            .filter_map(|(id, material)| {
-                let Some(mut s) = self.sessions.get_mut(&id) else {
-                    self.dirty.remove(&id);
-                    return None;
-                };
-                if !(all || material || now - s.saved_ms >= LAST_SEEN_HEARTBEAT_MS) {
-                    return None;
-                }
+        let mut ids: Vec<String> = self.dirty.iter().map(|e| e.key().clone()).collect();
+        let swept = self.swept_ms.load(Ordering::Relaxed);
+        if all || now - swept >= LAST_SEEN_HEARTBEAT_MS {
+            self.swept_ms.store(now, Ordering::Relaxed);
+            ids.extend(
+                self.sessions
+                    .iter()
+                    .filter(|s| s.unsaved && !self.dirty.contains_key(s.key()))
+                    .map(|s| s.key().clone()),
+            );
+        }
+        ids.into_iter()
+            .filter_map(|id| {
                 // Removed before the state is read: a request scored after this
                 // marks the session again.
                 self.dirty.remove(&id);
-                s.saved_ms = now;
+                let mut s = self.sessions.get_mut(&id)?;
+                s.unsaved = false;
                 // The last sure sighting: a refused request must not become the
                 // baseline of a node that reloads the session.
                 let last = s.last_allowed.as_ref()?;
@@ -400,10 +410,11 @@ impl Monitor {
     pub fn maintain(&self, idle_before_ms: i64) {
         self.limiters.maintain();
         self.sessions.retain(|id, s| {
-            self.dirty.contains_key(id)
+            s.unsaved
+                || self.dirty.contains_key(id)
                 || s.recent.back().is_some_and(|o| o.at_ms >= idle_before_ms)
         });
-        let subjects: std::collections::HashSet<String> =
+        let subjects: std::collections::HashSet<Arc<str>> =
             self.sessions.iter().map(|s| s.subject.clone()).collect();
         self.users.retain(|subject, _| subjects.contains(subject));
     }

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -89,14 +90,14 @@ pub fn client_of(e: &Event, ua: &UaParser, geo: Option<&Enricher>) -> Option<Cli
     if let (Some(g), false) = (geo, recorded) {
         let mut c = g.enrich(ip, user_agent);
         if let Some(fp) = recorded_fingerprint(e) {
-            c.ua = fp;
+            c.ua = Arc::new(fp);
         }
         return Some(c);
     }
     let location = match (e.latitude, e.longitude) {
         (Some(latitude), Some(longitude)) => Some(Location {
-            country: e.country.clone(),
-            city: e.city.clone(),
+            country: e.country.as_deref().map(Arc::from),
+            city: e.city.as_deref().map(Arc::from),
             latitude,
             longitude,
             radius_km: e.radius_km.unwrap_or(0.0),
@@ -106,11 +107,11 @@ pub fn client_of(e: &Event, ua: &UaParser, geo: Option<&Enricher>) -> Option<Cli
     Some(ClientInfo {
         ip,
         prefix: network_prefix(ip, 24, 48),
-        country: e.country.clone(),
+        country: e.country.as_deref().map(Arc::from),
         location,
         asn: e.asn,
         asn_org: None,
-        ua: recorded_fingerprint(e).unwrap_or_else(|| ua.fingerprint(user_agent)),
+        ua: recorded_fingerprint(e).map_or_else(|| ua.fingerprint(user_agent), Arc::new),
     })
 }
 

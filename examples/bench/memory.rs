@@ -78,10 +78,10 @@ fn main() -> anyhow::Result<()> {
         let _ = monitor.assess(RequestKind::Request, ("jti", &sid, &sub), &request, false);
         // The write-behind drains the dirty set about once a second.
         if i % 10_000 == 0 {
-            let _ = monitor.take_dirty(true);
+            let _ = monitor.take_dirty(false);
         }
     }
-    let _ = monitor.take_dirty(true);
+    let _ = monitor.take_dirty(false);
     let after = rss_bytes();
     let per = (after.saturating_sub(before)) as f64 / n as f64;
     println!(

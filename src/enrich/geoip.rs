@@ -7,6 +7,7 @@
 //! and the flat DB-IP Lite / ip-location-db layout (`country_code`, `latitude`
 //! as float32, no accuracy radius).
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -32,10 +33,10 @@ const PROBE_RECORDS: usize = 32;
 #[derive(Clone, Debug, Default)]
 pub struct GeoResult {
     /// ISO 3166-1 alpha-2 code, present even when there are no coordinates.
-    pub country: Option<String>,
+    pub country: Option<Arc<str>>,
     pub location: Option<Location>,
     pub asn: Option<u32>,
-    pub asn_org: Option<String>,
+    pub asn_org: Option<Arc<str>>,
 }
 
 /// How the records of a database are shaped.
@@ -318,6 +319,9 @@ pub struct GeoIp {
     cache: Cache<IpAddr, (u64, GeoResult)>,
     /// Last reload failure per database, kept for `/readyz`.
     errors: Mutex<(Option<String>, Option<String>)>,
+    /// Country, city and organisation names, one copy each, shared by every result
+    /// (and so by every session) that names them.
+    names: Mutex<HashSet<Arc<str>>>,
     /// Serialises reloads so two watchers cannot interleave their swaps.
     reload_lock: Mutex<()>,
 }
@@ -361,6 +365,7 @@ impl GeoIp {
             generation: AtomicU64::new(0),
             cache: Cache::new(CACHE_CAPACITY),
             errors: Mutex::new((None, None)),
+            names: Mutex::new(HashSet::new()),
             reload_lock: Mutex::new(()),
         })
     }
@@ -386,11 +391,33 @@ impl GeoIp {
         if let Some(db) = city.as_deref() {
             self.lookup_city(db, ip, &mut result);
         }
-        if let Some(db) = asn.as_deref() {
-            lookup_asn(db, ip, &mut result);
+        if let Some(db) = asn.as_deref()
+            && let Some((asn, org)) = lookup_asn(db, ip)
+        {
+            result.asn = asn;
+            result.asn_org = org.map(|o| self.intern(o));
         }
         self.cache.insert(ip, (generation, result.clone()));
         result
+    }
+
+    /// The one shared copy of a name. The set only grows with the names the
+    /// databases hold; it is emptied if it ever passes `MAX_NAMES`, which only
+    /// costs sharing, never correctness.
+    fn intern(&self, name: String) -> Arc<str> {
+        const MAX_NAMES: usize = 500_000;
+        let Ok(mut names) = self.names.lock() else {
+            return Arc::from(name);
+        };
+        if let Some(known) = names.get(name.as_str()) {
+            return Arc::clone(known);
+        }
+        if names.len() >= MAX_NAMES {
+            names.clear();
+        }
+        let shared: Arc<str> = Arc::from(name);
+        names.insert(Arc::clone(&shared));
+        shared
     }
 
     fn lookup_city(&self, db: &Db, ip: IpAddr, out: &mut GeoResult) {
@@ -424,8 +451,8 @@ impl GeoIp {
             },
         };
         // Empty strings appear in some exports; treat them as absent.
-        let country = country.filter(|c| !c.is_empty());
-        let city = city.filter(|c| !c.is_empty());
+        let country = country.filter(|c| !c.is_empty()).map(|c| self.intern(c));
+        let city = city.filter(|c| !c.is_empty()).map(|c| self.intern(c));
         out.location = coordinates.map(|(latitude, longitude)| Location {
             country: country.clone(),
             city,
@@ -495,8 +522,9 @@ impl GeoIp {
     }
 }
 
-fn lookup_asn(db: &Db, ip: IpAddr, out: &mut GeoResult) {
-    let Some(found) = db.find(ip) else { return };
+/// The autonomous system of `ip` and its organisation, if the database knows.
+fn lookup_asn(db: &Db, ip: IpAddr) -> Option<(Option<u32>, Option<String>)> {
+    let found = db.find(ip)?;
     let decoded = match db.layout {
         DbLayout::Geoip2 => found.decode::<geoip2::Asn>().map(|rec| {
             rec.map(|r| {
@@ -511,13 +539,11 @@ fn lookup_asn(db: &Db, ip: IpAddr, out: &mut GeoResult) {
             .map(|rec| rec.map(|r| (r.autonomous_system_number, r.autonomous_system_organization))),
     };
     match decoded {
-        Ok(Some((asn, org))) => {
-            out.asn = asn;
-            out.asn_org = org.filter(|o| !o.is_empty());
-        }
-        Ok(None) => {}
+        Ok(Some((asn, org))) => Some((asn, org.filter(|o| !o.is_empty()))),
+        Ok(None) => None,
         Err(e) => {
             tracing::debug!(%ip, path = %db.path.display(), error = %e, "GeoIP ASN record not decodable");
+            None
         }
     }
 }

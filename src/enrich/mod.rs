@@ -52,9 +52,9 @@ pub enum EnrichError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Location {
     /// ISO 3166-1 alpha-2, e.g. `NO`.
-    pub country: Option<String>,
+    pub country: Option<Arc<str>>,
     /// English city name, e.g. `Oslo`.
-    pub city: Option<String>,
+    pub city: Option<Arc<str>>,
     pub latitude: f64,
     pub longitude: f64,
     /// How far off the coordinates may be, in kilometres.
@@ -69,11 +69,12 @@ pub struct ClientInfo {
     /// The network (/24 or /48 by default) the address belongs to.
     pub prefix: IpNet,
     /// Country code even when the database has no coordinates.
-    pub country: Option<String>,
+    pub country: Option<Arc<str>>,
     pub location: Option<Location>,
     pub asn: Option<u32>,
-    pub asn_org: Option<String>,
-    pub ua: UaFingerprint,
+    pub asn_org: Option<Arc<str>>,
+    /// Shared with every client that sent the same `User-Agent`.
+    pub ua: Arc<UaFingerprint>,
 }
 
 impl ClientInfo {
@@ -124,7 +125,7 @@ impl Enricher {
     }
 
     /// The user-agent fingerprint alone (cached).
-    pub fn ua_fingerprint(&self, user_agent: &str) -> UaFingerprint {
+    pub fn ua_fingerprint(&self, user_agent: &str) -> Arc<UaFingerprint> {
         self.ua.fingerprint(user_agent)
     }
 

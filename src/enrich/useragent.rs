@@ -6,6 +6,7 @@
 //! routine browser and OS updates during a session do not look like a new client.
 
 use std::fmt;
+use std::sync::Arc;
 
 use moka::sync::Cache;
 use serde::{Deserialize, Serialize};
@@ -91,7 +92,8 @@ impl UaFingerprint {
 /// compiling the regexes takes a noticeable fraction of a second.
 pub struct UaParser {
     extractor: ua_parser::Extractor<'static>,
-    cache: Cache<String, UaFingerprint>,
+    cache: Cache<String, Arc<UaFingerprint>>,
+    empty: Arc<UaFingerprint>,
 }
 
 impl fmt::Debug for UaParser {
@@ -112,21 +114,23 @@ impl UaParser {
         Ok(UaParser {
             extractor,
             cache: Cache::new(CACHE_CAPACITY),
+            empty: Arc::new(UaFingerprint::empty()),
         })
     }
 
     /// The fingerprint of a `User-Agent` header value. Never fails: anything
-    /// unrecognised comes back as `Other` with an `unknown` device.
-    pub fn fingerprint(&self, ua: &str) -> UaFingerprint {
+    /// unrecognised comes back as `Other` with an `unknown` device. Shared: every
+    /// client with the same header (while it is cached) holds the same fingerprint.
+    pub fn fingerprint(&self, ua: &str) -> Arc<UaFingerprint> {
         let ua = truncate(ua.trim(), MAX_UA_BYTES);
         if ua.is_empty() {
-            return UaFingerprint::empty();
+            return Arc::clone(&self.empty);
         }
         if let Some(hit) = self.cache.get(ua) {
             return hit;
         }
-        let fingerprint = self.parse(ua);
-        self.cache.insert(ua.to_owned(), fingerprint.clone());
+        let fingerprint = Arc::new(self.parse(ua));
+        self.cache.insert(ua.to_owned(), Arc::clone(&fingerprint));
         fingerprint
     }
 

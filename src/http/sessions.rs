@@ -144,7 +144,7 @@ fn session_view(s: &SessionRecord, now_ms: i64, half_life_secs: f64) -> serde_js
         .last_seen_info
         .as_deref()
         .and_then(|l| serde_json::from_str(l).ok());
-    let seen = last.as_ref().map(|o| &o.client).or(binding.as_ref());
+    let seen = last.as_ref().map(|o| &*o.client).or(binding.as_ref());
     let location = seen.map(|c| {
         json!({
             "country": c.country,

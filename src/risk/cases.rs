@@ -23,6 +23,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -110,8 +111,8 @@ fn parse_time(s: &str) -> Result<i64, String> {
 fn client(step: &Step, ua: &UaParser) -> ClientInfo {
     let ip = step.ip.to_canonical();
     let location = step.geo.as_ref().map(|g| Location {
-        country: g.country.clone(),
-        city: g.city.clone(),
+        country: g.country.as_deref().map(Arc::from),
+        city: g.city.as_deref().map(Arc::from),
         latitude: g.lat,
         longitude: g.lon,
         radius_km: g.radius_km.unwrap_or(0.0),
@@ -121,7 +122,8 @@ fn client(step: &Step, ua: &UaParser) -> ClientInfo {
         prefix: network_prefix(ip, 24, 48),
         country: step
             .country
-            .clone()
+            .as_deref()
+            .map(Arc::from)
             .or_else(|| location.as_ref().and_then(|l| l.country.clone())),
         location,
         asn: step.asn,

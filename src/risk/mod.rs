@@ -13,6 +13,7 @@ pub mod sim;
 pub mod state;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -116,7 +117,9 @@ pub struct RequestContext<'a> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Observation {
     pub at_ms: i64,
-    pub client: ClientInfo,
+    /// Shared: a session's binding, its recent requests and its user's last request
+    /// usually name the same client.
+    pub client: Arc<ClientInfo>,
 }
 
 /// What the engine may know about the session and its user.
@@ -130,7 +133,7 @@ pub struct SessionView<'a> {
     pub user_last: Option<&'a Observation>,
     /// This session's recent requests, oldest first (bounded).
     pub recent: &'a [Observation],
-    pub known_countries: &'a [String],
+    pub known_countries: &'a [Arc<str>],
     pub known_asns: &'a [u32],
     pub risk: f64,
     pub risk_at_ms: i64,
@@ -192,10 +195,10 @@ fn context_vars(
     let mut vars = BTreeMap::new();
     vars.insert("ip", c.ip.to_string());
     if let Some(country) = &c.country {
-        vars.insert("country", country.clone());
+        vars.insert("country", country.to_string());
     }
-    if let Some(city) = c.location.as_ref().and_then(|l| l.city.clone()) {
-        vars.insert("city", city);
+    if let Some(city) = c.location.as_ref().and_then(|l| l.city.as_deref()) {
+        vars.insert("city", city.to_owned());
     }
     if let Some(asn) = c.asn {
         vars.insert("asn", format!("AS{asn}"));
@@ -204,10 +207,15 @@ fn context_vars(
     vars.insert("os", c.ua.os.clone());
     if let Some(prev) = view.last {
         if let Some(country) = &prev.client.country {
-            vars.insert("prev_country", country.clone());
+            vars.insert("prev_country", country.to_string());
         }
-        if let Some(city) = prev.client.location.as_ref().and_then(|l| l.city.clone()) {
-            vars.insert("prev_city", city);
+        if let Some(city) = prev
+            .client
+            .location
+            .as_ref()
+            .and_then(|l| l.city.as_deref())
+        {
+            vars.insert("prev_city", city.to_owned());
         }
         vars.insert(
             "minutes",

@@ -110,7 +110,7 @@ impl Simulator {
         let ids: Vec<String> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.subject == subject)
+            .filter(|(_, s)| &*s.subject == subject)
             .map(|(k, _)| k.clone())
             .collect();
         self.revoked.extend(ids);

@@ -5,6 +5,7 @@
 //! durable (step-up, revocations).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,8 +21,10 @@ pub const HISTORY_PER_USER: usize = 16;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SessionState {
-    pub subject: String,
-    pub binding: Option<ClientInfo>,
+    /// Shared with the user's entry in the live monitor.
+    pub subject: Arc<str>,
+    /// Shared with the observations that saw the same client.
+    pub binding: Option<Arc<ClientInfo>>,
     pub recent: VecDeque<Observation>,
     pub risk: f64,
     pub risk_at_ms: i64,
@@ -43,17 +46,17 @@ pub struct SessionState {
     /// issuer's sessions raise it as new tokens of theirs appear).
     #[serde(default)]
     pub access_exp_max: i64,
-    /// When the store last received this session's last sighting (or the session
-    /// was opened or loaded), in milliseconds: the write-behind's heartbeat.
+    /// A request was scored since the store last received the session's last
+    /// sighting (written behind on the next heartbeat).
     #[serde(default)]
-    pub saved_ms: i64,
+    pub unsaved: bool,
 }
 
 impl SessionState {
     pub fn new(subject: &str, binding: Option<ClientInfo>) -> Self {
         Self {
-            subject: subject.to_owned(),
-            binding,
+            subject: Arc::from(subject),
+            binding: binding.map(Arc::new),
             ..Self::default()
         }
     }
@@ -61,8 +64,9 @@ impl SessionState {
     /// A session just opened: its binding is also its first sighting (velocity
     /// and concurrent-use checks start from the sign-in).
     pub fn opened(subject: &str, binding: ClientInfo, at_ms: i64) -> Self {
-        let mut s = Self::new(subject, Some(binding.clone()));
-        s.saved_ms = at_ms;
+        let binding = Arc::new(binding);
+        let mut s = Self::new(subject, None);
+        s.binding = Some(Arc::clone(&binding));
         s.allowed(Observation {
             at_ms,
             client: binding,
@@ -72,7 +76,8 @@ impl SessionState {
 
     /// After re-authentication: new binding, risk and step-up cleared, history kept.
     pub fn rebind(&mut self, binding: ClientInfo, at_ms: i64) {
-        self.binding = Some(binding.clone());
+        let binding = Arc::new(binding);
+        self.binding = Some(Arc::clone(&binding));
         self.risk = 0.0;
         self.risk_at_ms = at_ms;
         self.step_up = false;
@@ -100,7 +105,7 @@ impl SessionState {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UserState {
     pub last: Option<Observation>,
-    pub countries: VecDeque<String>,
+    pub countries: VecDeque<Arc<str>>,
     pub asns: VecDeque<u32>,
 }
 
@@ -151,7 +156,7 @@ pub fn assess(
     let evaluation = {
         let recent = session.recent.as_slices().0;
         let view = SessionView {
-            binding: session.binding.as_ref(),
+            binding: session.binding.as_deref(),
             last: session.last_allowed.as_ref(),
             user_last: user.last.as_ref(),
             recent,
@@ -172,7 +177,7 @@ pub fn assess(
     }
     let observation = Observation {
         at_ms: ctx.at_ms,
-        client: ctx.client.clone(),
+        client: Arc::new(ctx.client.clone()),
     };
     // Only requests we let through say where the user is: a refused request is
     // remembered (concurrent use sees it) but is nobody's new baseline.
@@ -256,7 +261,11 @@ mod tests {
             "risk accumulates: {}",
             e.session_risk
         );
-        assert_eq!(u.countries, ["NO"], "the thief's country was not learned");
+        assert_eq!(
+            u.countries,
+            [std::sync::Arc::from("NO")],
+            "the thief's country was not learned"
+        );
     }
 
     #[test]

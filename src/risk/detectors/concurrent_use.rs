@@ -16,7 +16,7 @@ fn fingerprint(p: &ConcurrentUse, c: &ClientInfo) -> String {
         NetworkBy::Asn => c
             .asn
             .map_or_else(|| c.prefix.to_string(), |a| format!("AS{a}")),
-        NetworkBy::Country => c.country.clone().unwrap_or_else(|| "??".to_owned()),
+        NetworkBy::Country => c.country.as_deref().unwrap_or("??").to_owned(),
         NetworkBy::UserAgent => return c.ua.key(),
     };
     if p.include_user_agent {
@@ -73,6 +73,7 @@ mod tests {
     use super::*;
     use crate::risk::Observation;
     use crate::risk::detectors::fixtures::*;
+    use std::sync::Arc;
 
     #[test]
     fn alternating_networks_fire_but_moving_once_does_not() {
@@ -84,7 +85,7 @@ mod tests {
         };
         let obs = |c: &ClientInfo, at_ms| Observation {
             at_ms,
-            client: c.clone(),
+            client: Arc::new(c.clone()),
         };
         let moved = [obs(&a, 0), obs(&a, 1000), obs(&b, 2000)];
         let mut v = view(&a, None);

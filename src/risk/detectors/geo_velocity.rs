@@ -66,10 +66,10 @@ pub fn evaluate(p: &GeoVelocity, ctx: &RequestContext<'_>, view: &SessionView<'_
         ),
     );
     if let Some(c) = &from.city {
-        h.vars.insert("prev_city", c.clone());
+        h.vars.insert("prev_city", c.to_string());
     }
-    if let Some(c) = prev.client.country.clone().or_else(|| from.country.clone()) {
-        h.vars.insert("prev_country", c);
+    if let Some(c) = prev.client.country.as_ref().or(from.country.as_ref()) {
+        h.vars.insert("prev_country", c.to_string());
     }
     h.vars.insert("minutes", minutes);
     h.vars
@@ -83,6 +83,7 @@ mod tests {
     use super::*;
     use crate::risk::detectors::fixtures::*;
     use proptest::prelude::*;
+    use std::sync::Arc;
 
     fn params(radius: bool) -> GeoVelocity {
         GeoVelocity {
@@ -99,7 +100,7 @@ mod tests {
         let (o, l) = (oslo(), lagos());
         let prev = Observation {
             at_ms: 0,
-            client: o.clone(),
+            client: Arc::new(o.clone()),
         };
         let h = evaluate(&params(true), &ctx(&l, 10 * 60_000), &view(&o, Some(&prev))).unwrap();
         assert_eq!(h.vars["prev_city"], "Oslo");
@@ -121,7 +122,7 @@ mod tests {
         let mut b = client("192.0.2.2", "SE", "B", 59.0, 17.63, 1);
         let prev = Observation {
             at_ms: 0,
-            client: a.clone(),
+            client: Arc::new(a.clone()),
         };
         let mut a2 = a.clone();
         if let Some(l) = a2.location.as_mut() {
@@ -132,7 +133,7 @@ mod tests {
         }
         let prev_wide = Observation {
             at_ms: 0,
-            client: a2.clone(),
+            client: Arc::new(a2.clone()),
         };
         assert!(
             evaluate(
@@ -151,7 +152,7 @@ mod tests {
         l.location = None;
         let prev = Observation {
             at_ms: 0,
-            client: o.clone(),
+            client: Arc::new(o.clone()),
         };
         assert!(evaluate(&params(true), &ctx(&l, 60_000), &view(&o, Some(&prev))).is_none());
     }

@@ -65,12 +65,12 @@ pub(crate) mod fixtures {
             }),
             asn: Some(asn),
             asn_org: None,
-            ua: UaFingerprint {
+            ua: std::sync::Arc::new(UaFingerprint {
                 family: "Firefox".into(),
                 major: Some("133".into()),
                 os: "Linux".into(),
                 device: DeviceClass::Desktop,
-            },
+            }),
         }
     }
 

@@ -31,7 +31,7 @@ mod tests {
         let p = NewLocation {
             what: LocationKind::Country,
         };
-        let known = ["NO".to_owned()];
+        let known = [std::sync::Arc::from("NO")];
         let mut v = view(&o, None);
         assert!(evaluate(&p, &ctx(&l, 0), &v).is_none(), "no history yet");
         v.known_countries = &known;

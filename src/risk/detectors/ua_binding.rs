@@ -30,6 +30,7 @@ mod tests {
     use super::*;
     use crate::enrich::DeviceClass;
     use crate::risk::detectors::fixtures::*;
+    use std::sync::Arc;
 
     #[test]
     fn fires_on_a_new_browser_major_or_device_but_not_on_the_same_one() {
@@ -37,10 +38,10 @@ mod tests {
         let p = UaBinding { device_class: true };
         assert!(evaluate(&p, &ctx(&home, 0), &view(&home, None)).is_none());
         let mut upgraded = oslo();
-        upgraded.ua.major = Some("134".into());
+        Arc::make_mut(&mut upgraded.ua).major = Some("134".into());
         assert!(evaluate(&p, &ctx(&upgraded, 0), &view(&home, None)).is_some());
         let mut phone = oslo();
-        phone.ua.device = DeviceClass::Mobile;
+        Arc::make_mut(&mut phone.ua).device = DeviceClass::Mobile;
         assert!(evaluate(&p, &ctx(&phone, 0), &view(&home, None)).is_some());
         let lenient = UaBinding {
             device_class: false,
