@@ -67,14 +67,19 @@ pub struct UaFingerprint {
 
 impl UaFingerprint {
     /// A compact stable form, e.g. `Firefox/133/Linux/desktop` (`-` for no version).
+    /// Built in one allocation: it is written into every audit event.
     pub fn key(&self) -> String {
-        format!(
-            "{}/{}/{}/{}",
-            self.family.replace('/', "_"),
-            self.major.as_deref().unwrap_or("-").replace('/', "_"),
-            self.os.replace('/', "_"),
-            self.device
-        )
+        let major = self.major.as_deref().unwrap_or("-");
+        let device = self.device.as_str();
+        let mut key = String::with_capacity(
+            self.family.len() + major.len() + self.os.len() + device.len() + 3,
+        );
+        for part in [self.family.as_str(), major, self.os.as_str()] {
+            key.extend(part.chars().map(|c| if c == '/' { '_' } else { c }));
+            key.push('/');
+        }
+        key.push_str(device);
+        key
     }
 
     /// The fingerprint of a request that sent no user agent.

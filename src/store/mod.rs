@@ -87,6 +87,7 @@ pub struct StoredEvent {
     pub session_id: Option<String>,
     pub subject: Option<String>,
     pub decision: Option<String>,
+    /// The event as one JSON object (stored and exported exactly as given).
     pub event: String,
 }
 

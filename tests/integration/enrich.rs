@@ -527,3 +527,14 @@ fn fingerprint_serializes_snake_case() {
     let back: UaFingerprint = serde_json::from_value(json).expect("deserialize");
     assert_eq!(back, fp);
 }
+
+#[test]
+fn a_slash_in_a_name_cannot_forge_a_fingerprint_key() {
+    let fp = UaFingerprint {
+        family: "Evil/133".into(),
+        major: None,
+        os: "Linux/desktop".into(),
+        device: DeviceClass::Bot,
+    };
+    assert_eq!(fp.key(), "Evil_133/-/Linux_desktop/bot");
+}
