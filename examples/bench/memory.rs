@@ -12,6 +12,10 @@ use tokenwarden::enrich::{EnrichConfig, Enricher, UaParser};
 use tokenwarden::monitor::{Monitor, RequestInfo};
 use tokenwarden::risk::RequestKind;
 
+/// The allocator the service runs with (`src/main.rs`): resident memory depends on it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const AGENTS: &[&str] = &[
     "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0",
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
