@@ -15,17 +15,32 @@ use crate::monitor::RequestInfo;
 use crate::risk::{Evaluation, Reason};
 use crate::store::{SharedStore, StoredEvent};
 
-/// The stored form: indexed columns plus the JSON line.
+/// The stored form: indexed columns plus the JSON line. A NUL character (which
+/// PostgreSQL refuses in text, and which would fail the whole batch it travels
+/// in) is stored as U+FFFD.
 fn stored(e: &Event) -> Option<StoredEvent> {
     let t =
         time::OffsetDateTime::parse(&e.ts, &time::format_description::well_known::Rfc3339).ok()?;
+    let clean = |s: &Option<String>| {
+        s.as_deref().map(|s| {
+            if s.contains('\0') {
+                s.replace('\0', "\u{fffd}")
+            } else {
+                s.to_owned()
+            }
+        })
+    };
+    let mut event = serde_json::to_string(e).ok()?;
+    if event.contains("\\u0000") {
+        event = event.replace("\\u0000", "\\ufffd");
+    }
     Some(StoredEvent {
         ts_ms: i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()?,
         kind: e.kind.as_str().to_owned(),
-        session_id: e.session_id.clone(),
-        subject: e.subject.clone(),
-        decision: e.decision.clone(),
-        event: serde_json::to_string(e).ok()?,
+        session_id: clean(&e.session_id),
+        subject: clean(&e.subject),
+        decision: clean(&e.decision),
+        event,
     })
 }
 
@@ -365,5 +380,14 @@ mod tests {
         assert_eq!(e.path.as_deref(), Some("/reset"));
         assert_eq!(e.referrer.as_deref(), Some("https://app.example.com/a"));
         assert_eq!(e.ts, "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn a_nul_character_is_stored_as_a_replacement_character() {
+        let e = Event::new(EventKind::Request, 0).session("s\0", "al\0ice");
+        let s = stored(&e).expect("storable");
+        assert_eq!(s.subject.as_deref(), Some("al\u{fffd}ice"));
+        assert_eq!(s.session_id.as_deref(), Some("s\u{fffd}"));
+        assert!(!s.event.contains("\\u0000") && s.event.contains("al\\ufffdice"));
     }
 }

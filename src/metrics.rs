@@ -131,7 +131,7 @@ impl Metrics {
         );
         registry.register(
             "event_queue_depth",
-            "Audit events waiting to be written",
+            "Audit events accepted and not yet stored (queued or in the batch being written; up to twice the queue)",
             m.event_queue_depth.clone(),
         );
         registry.register(

@@ -373,7 +373,8 @@ impl Monitor {
         let now = self.clock.now_millis();
         let mut ids: Vec<String> = self.dirty.iter().map(|e| e.key().clone()).collect();
         let swept = self.swept_ms.load(Ordering::Relaxed);
-        if all || now - swept >= LAST_SEEN_HEARTBEAT_MS {
+        // A wall clock stepped back also sweeps (and restarts the heartbeat from now).
+        if all || now - swept >= LAST_SEEN_HEARTBEAT_MS || now < swept {
             self.swept_ms.store(now, Ordering::Relaxed);
             ids.extend(
                 self.sessions
@@ -486,18 +487,60 @@ mod tests {
             "the heartbeat writes the latest sighting even without a new request"
         );
         assert!(written(false).is_empty(), "and only once");
+        clock.advance(std::time::Duration::from_secs(61));
+        assert!(
+            written(false).is_empty(),
+            "a written session is not written again by the next heartbeat"
+        );
 
         clock.advance(std::time::Duration::from_secs(1));
         seen(&from("198.51.100.9"));
         assert_eq!(
             written(false),
-            [1_800_000_066],
+            [1_800_000_127],
             "a new address is written at once"
         );
 
         clock.advance(std::time::Duration::from_secs(1));
         seen(&from("198.51.100.9"));
         assert!(written(false).is_empty());
-        assert_eq!(written(true), [1_800_000_067], "shutdown writes everything");
+        clock.set(1_800_000_100);
+        assert_eq!(
+            written(false),
+            [1_800_000_128],
+            "a clock stepped back sweeps rather than stalling the heartbeat"
+        );
+        clock.set(1_800_000_200);
+        seen(&from("198.51.100.9"));
+        assert_eq!(written(true), [1_800_000_200], "shutdown writes everything");
+    }
+
+    #[test]
+    fn a_session_with_an_unwritten_sighting_stays_in_memory_until_written() {
+        let clock = Arc::new(ManualClock::at(1_800_000_000));
+        let enricher =
+            Enricher::new(EnrichConfig::default(), Arc::new(UaParser::new().unwrap())).unwrap();
+        let monitor = Monitor::new(None, Arc::new(enricher), clock.clone()).unwrap();
+        let home: IpAddr = "192.0.2.1".parse().unwrap();
+        monitor.bind("s1", "alice", monitor.enrich(home, "curl/8"));
+        let request = RequestInfo {
+            ip: Some(home),
+            user_agent: Some("curl/8".into()),
+            ..RequestInfo::default()
+        };
+        assert!(
+            monitor
+                .assess(RequestKind::Request, ("j", "s1", "alice"), &request, false)
+                .is_some()
+        );
+        clock.advance(std::time::Duration::from_secs(30));
+        monitor.maintain(clock.now_millis());
+        assert!(
+            monitor.knows("s1"),
+            "its routine sighting is not written yet"
+        );
+        assert_eq!(monitor.take_dirty(true).len(), 1);
+        monitor.maintain(clock.now_millis());
+        assert!(!monitor.knows("s1") && !monitor.knows_user("alice"));
     }
 }

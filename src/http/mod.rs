@@ -293,14 +293,19 @@ impl Application {
             self.state.sessions.monitor().clone(),
             self.state.metrics.clone(),
         );
-        // Write-behind of last-seen observations: off the request path, about once a second.
+        // Write-behind of last-seen observations: off the request path, about once a
+        // second. It stops between flushes, never in the middle of one (a batch taken
+        // from the monitor exists only in that flush).
         let writer = {
             let sessions = self.state.sessions.clone();
+            let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
-                    tick.tick().await;
-                    flush_last_seen(&sessions, false).await;
+                    tokio::select! {
+                        _ = tick.tick() => flush_last_seen(&sessions, false).await,
+                        _ = stop.changed() => break,
+                    }
                 }
             })
         };
@@ -321,7 +326,7 @@ impl Application {
         let (p, a) = tokio::join!(public, admin);
         pruner.abort();
         reloader.abort();
-        writer.abort();
+        let _ = writer.await;
         flush_last_seen(&self_sessions, true).await;
         // Let the event writer drain what is queued (bounded), then stop it.
         if let (Some(task), Some(sink)) = (event_writer, self_sessions.event_sink()) {

@@ -895,6 +895,11 @@ impl SessionService {
         for change in self.store.revocations(now - self.codec.leeway()).await? {
             self.view.apply(change);
         }
+        // Sightings not yet written behind would be lost with the cached state.
+        let unsaved = self.monitor.take_dirty(true);
+        if let Err(e) = self.store.save_last_seen(&unsaved).await {
+            tracing::warn!(error = %e, sessions = unsaved.len(), "cannot save last-seen observations before a resync; they are lost");
+        }
         self.monitor.forget_all();
         Ok(())
     }

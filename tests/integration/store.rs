@@ -243,8 +243,8 @@ async fn large_write_behind_and_event_batches_land_whole(backend: Backend) {
     let Some((_db, store)) = open_store(backend).await else {
         return;
     };
-    // More rows than one multi-row statement holds.
-    let n = 450;
+    // More rows than one bulk statement holds (1,000 last sightings per statement).
+    let n = 1_100;
     for i in 0..n {
         store
             .create_session(
@@ -264,7 +264,7 @@ async fn large_write_behind_and_event_batches_land_whole(backend: Backend) {
         })
         .collect();
     store.save_last_seen(&batch).await.unwrap();
-    for i in [0, 199, 200, 449] {
+    for i in [0, 999, 1_000, 1_099] {
         let s = store.session(&format!("s{i}")).await.unwrap().unwrap();
         assert_eq!(
             (s.last_seen_at, s.last_seen_info.as_deref(), s.risk),
@@ -289,13 +289,16 @@ async fn large_write_behind_and_event_batches_land_whole(backend: Backend) {
     let stored = store
         .events(&tokenwarden::store::EventFilter {
             after: (i64::MIN, 0),
-            limit: 1000,
+            limit: 5_000,
             ..Default::default()
         })
         .await
         .unwrap();
     assert_eq!(stored.len(), n);
-    assert_eq!(stored[449].2, "{\"n\":449}");
+    assert_eq!(
+        stored[1_099].2, "{\"n\":1099}",
+        "in order, exactly as given"
+    );
 }
 
 async fn every_revocation_is_numbered_in_the_change_feed(backend: Backend) {
