@@ -30,6 +30,8 @@ def main():
     ap.add_argument("rate", nargs="?", type=int, default=0, help="requests per second (0: saturation)")
     ap.add_argument("--sessions", type=int, default=10000)
     ap.add_argument("--perf", action="store_true", help="record tokenwarden with perf into ./perf.data")
+    ap.add_argument("--dwarf", action="store_true",
+                    help="with --perf: unwind with DWARF (callers in Rust code and libc; 3 s, larger file)")
     args = ap.parse_args()
     connections = 16 if 0 < args.rate <= 2000 else 64
     with tempfile.TemporaryDirectory(prefix="tokenwarden-profile-") as work:
@@ -45,8 +47,11 @@ def main():
         first = run(ref_url, reference.pid)
         perf = None
         if args.perf:
-            perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-g", "-p", str(tw.proc.pid),
-                                     "-o", "perf.data"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            unwind = ["--call-graph", "dwarf,16384"] if args.dwarf else ["-g"]
+            limit = ["--", "sleep", "3"] if args.dwarf else []
+            perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", *unwind, "-p", str(tw.proc.pid),
+                                     "-o", "perf.data", *limit],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
         measured = run(tw.base, tw.proc.pid, tw.app_key)
         if perf:

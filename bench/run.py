@@ -144,13 +144,14 @@ class Tokenwarden:
     """tokenwarden on SQLite with one signing key of `alg`, the default rules and
     MaxMind's test GeoIP databases; forwarding headers believed from loopback."""
 
-    def __init__(self, work, alg):
-        self.dir = Path(work) / f"tokenwarden-{alg}"
+    def __init__(self, work, alg, binary=None, name=""):
+        binary = binary or RELEASE / "tokenwarden"
+        self.dir = Path(work) / f"tokenwarden-{alg}{name}"
         self.dir.mkdir()
         self.port, self.admin_port = free_port(), free_port()
         self.app_key = secrets.token_hex(32)
         self.key = self.dir / "bench.key"
-        subprocess.run([RELEASE / "tokenwarden", "keys", "generate", "--alg", alg, "--out", self.key],
+        subprocess.run([binary, "keys", "generate", "--alg", alg, "--out", self.key],
                        check=True, capture_output=True)
         geoip = ROOT / "tests" / "data" / "geoip"
         config = self.dir / "tokenwarden.toml"
@@ -176,7 +177,7 @@ alg = "{alg}"
 path = "{self.key}"
 """)
         self.alg = alg
-        self.proc = Process([RELEASE / "tokenwarden", "--config", config, "serve"], cwd=self.dir)
+        self.proc = Process([binary, "--config", config, "serve"], cwd=self.dir)
         self.base = f"http://127.0.0.1:{self.port}"
         wait_http(f"{self.base}/healthz")
 

@@ -113,7 +113,7 @@ fn benches(c: &mut Criterion) {
     c.bench_function("evaluation_full_default_rules", |b| {
         b.iter(|| {
             clock.advance(std::time::Duration::from_millis(50));
-            let client = enricher.enrich(black_box(ip), black_box(UA));
+            let client = Arc::new(enricher.enrich(black_box(ip), black_box(UA)));
             let ctx = RequestContext {
                 kind: RequestKind::Request,
                 at_ms: clock.now_millis(),

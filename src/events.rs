@@ -130,11 +130,35 @@ fn without_query(url: &str) -> String {
 
 /// RFC 3339 with milliseconds, UTC.
 pub fn rfc3339_ms(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+    // Every event of a second shares its date and time of day: formatted once per
+    // second and thread, then only the milliseconds are appended.
+    thread_local! {
+        static SECOND: std::cell::RefCell<(i64, String)> =
+            const { std::cell::RefCell::new((i64::MIN, String::new())) };
+    }
+    let (second, millis) = (ms.div_euclid(1000), ms.rem_euclid(1000));
+    SECOND.with_borrow_mut(|(cached, prefix)| {
+        if *cached != second {
+            *prefix = format_second(second);
+            *cached = second;
+        }
+        let mut out = String::with_capacity(prefix.len() + 5);
+        out.push_str(prefix);
+        out.push('.');
+        // 0..=999: three digits, zero-padded.
+        for d in [millis / 100, millis / 10 % 10, millis % 10] {
+            out.push(char::from(b'0' + u8::try_from(d).unwrap_or(0)));
+        }
+        out.push('Z');
+        out
+    })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of a Unix second, UTC.
+fn format_second(second: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(second)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
+    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
     t.format(&fmt).unwrap_or_default()
 }
 
@@ -380,6 +404,16 @@ mod tests {
         assert_eq!(e.path.as_deref(), Some("/reset"));
         assert_eq!(e.referrer.as_deref(), Some("https://app.example.com/a"));
         assert_eq!(e.ts, "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn timestamps_carry_their_own_milliseconds_across_seconds() {
+        assert_eq!(rfc3339_ms(1_800_000_000_007), "2027-01-15T08:00:00.007Z");
+        assert_eq!(rfc3339_ms(1_800_000_000_999), "2027-01-15T08:00:00.999Z");
+        assert_eq!(rfc3339_ms(1_800_000_001_050), "2027-01-15T08:00:01.050Z");
+        assert_eq!(rfc3339_ms(1_800_000_000_000), "2027-01-15T08:00:00.000Z");
+        // Before 1970 the second rounds down and the milliseconds stay positive.
+        assert_eq!(rfc3339_ms(-1), "1969-12-31T23:59:59.999Z");
     }
 
     #[test]

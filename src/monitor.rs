@@ -55,7 +55,8 @@ pub struct RulesStatus {
 #[derive(Debug, Clone)]
 pub struct Assessment {
     pub evaluation: Evaluation,
-    pub client: ClientInfo,
+    /// Shared with the session's recent requests.
+    pub client: Arc<ClientInfo>,
     /// This request put the session into step-up (persist it once).
     pub newly_stepped_up: bool,
 }
@@ -299,34 +300,45 @@ impl Monitor {
     ) -> Option<Assessment> {
         let (jti, session_id, subject) = ids;
         let rules = self.rules.load();
-        // Enrichment (GeoIP, user-agent regexes on a cache miss) runs before any lock.
-        let enriched = request
-            .ip
-            .map(|ip| self.enrich(ip, request.user_agent.as_deref().unwrap_or("")));
+        // The user-agent regexes (on a cache miss) run before any lock.
         let fingerprint = request
             .user_agent
             .as_deref()
             .map(|ua| self.enricher.ua_fingerprint(ua));
+        let generation = self.enricher.geoip().generation();
         let mut session = self.sessions.get_mut(session_id)?;
-        let client = match (enriched, &session.binding) {
-            (Some(mut c), bound) => {
+        let client = match (request.ip.map(|ip| ip.to_canonical()), &session.binding) {
+            // The same address and browser as the session's previous request, enriched
+            // by the same GeoIP databases: that enrichment stands (the common case, and
+            // no lookup or allocation).
+            (Some(ip), _)
+                if session.enriched_by == Some(generation)
+                    && let Some(last) = session.recent.back()
+                    && last.client.ip == ip
+                    && fingerprint.as_ref().is_some_and(|f| *f == last.client.ua) =>
+            {
+                Arc::clone(&last.client)
+            }
+            (Some(ip), bound) => {
+                let geo = self.enricher.geoip().lookup(ip);
                 // No User-Agent given is not a different browser: keep the bound one.
-                if request.user_agent.is_none()
-                    && let Some(b) = bound
-                {
-                    c.ua = b.ua.clone();
-                }
-                c
+                let ua = match (&fingerprint, bound) {
+                    (Some(f), _) => Arc::clone(f),
+                    (None, Some(b)) => Arc::clone(&b.ua),
+                    (None, None) => self.enricher.ua_fingerprint(""),
+                };
+                session.enriched_by = Some(generation);
+                Arc::new(self.enricher.client(ip, geo, ua))
             }
             // Without the request's IP, the binding stands in for the network: IP rules
             // cannot fire; a given User-Agent still counts.
-            (None, Some(bound)) => {
-                let mut c = ClientInfo::clone(bound);
-                if let Some(ua) = fingerprint {
-                    c.ua = ua;
-                }
-                c
-            }
+            (None, Some(bound)) => match &fingerprint {
+                Some(ua) => Arc::new(ClientInfo {
+                    ua: Arc::clone(ua),
+                    ..ClientInfo::clone(bound)
+                }),
+                None => Arc::clone(bound),
+            },
             (None, None) => return None,
         };
         let ctx = RequestContext {

@@ -82,7 +82,7 @@ fn counter<V: Default>(map: &mut BTreeMap<String, V>, key: &str, update: impl Fn
 }
 
 /// The client an event describes: its recorded enrichment, or a fresh lookup.
-pub fn client_of(e: &Event, ua: &UaParser, geo: Option<&Enricher>) -> Option<ClientInfo> {
+pub fn client_of(e: &Event, ua: &UaParser, geo: Option<&Enricher>) -> Option<Arc<ClientInfo>> {
     let ip: IpAddr = e.ip.as_deref()?.trim().parse().ok()?;
     let ip = ip.to_canonical();
     let user_agent = e.user_agent.as_deref().unwrap_or("");
@@ -92,7 +92,7 @@ pub fn client_of(e: &Event, ua: &UaParser, geo: Option<&Enricher>) -> Option<Cli
         if let Some(fp) = recorded_fingerprint(e) {
             c.ua = Arc::new(fp);
         }
-        return Some(c);
+        return Some(Arc::new(c));
     }
     let location = match (e.latitude, e.longitude) {
         (Some(latitude), Some(longitude)) => Some(Location {
@@ -104,7 +104,7 @@ pub fn client_of(e: &Event, ua: &UaParser, geo: Option<&Enricher>) -> Option<Cli
         }),
         _ => None,
     };
-    Some(ClientInfo {
+    Some(Arc::new(ClientInfo {
         ip,
         prefix: network_prefix(ip, 24, 48),
         country: e.country.as_deref().map(Arc::from),
@@ -112,7 +112,7 @@ pub fn client_of(e: &Event, ua: &UaParser, geo: Option<&Enricher>) -> Option<Cli
         asn: e.asn,
         asn_org: None,
         ua: recorded_fingerprint(e).map_or_else(|| ua.fingerprint(user_agent), Arc::new),
-    })
+    }))
 }
 
 /// Without a user agent, the fingerprint the live service used (recorded with the
@@ -174,7 +174,7 @@ pub fn feed(
     sim: &mut Simulator,
     e: &Event,
     ms: i64,
-    client: Option<&ClientInfo>,
+    client: Option<&Arc<ClientInfo>>,
 ) -> Option<Scored> {
     let subject = e.subject.as_deref().unwrap_or("");
     // "Log out everywhere" names the user, not a session.
@@ -185,11 +185,11 @@ pub fn feed(
     let session = e.session_id.as_deref()?;
     match e.kind {
         EventKind::SessionOpen => {
-            sim.open(ms, session, subject, client?.clone());
+            sim.open(ms, session, subject, ClientInfo::clone(client?));
             None
         }
         EventKind::Reauth => {
-            sim.reauth(ms, session, subject, client?.clone());
+            sim.reauth(ms, session, subject, ClientInfo::clone(client?));
             None
         }
         EventKind::Revoke if external_revocation(e) => {

@@ -17,14 +17,14 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use maxminddb::{LookupResult, Mmap, Reader, WithinOptions, geoip2};
-use moka::sync::Cache;
+use quick_cache::sync::Cache;
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::{EnrichConfig, EnrichError, Location};
 
 /// Distinct addresses remembered; a lookup result is a few dozen bytes.
-const CACHE_CAPACITY: u64 = 100_000;
+const CACHE_CAPACITY: usize = 100_000;
 /// Records inspected when the metadata does not say which layout a file uses.
 const PROBE_RECORDS: usize = 32;
 
@@ -370,6 +370,12 @@ impl GeoIp {
         })
     }
 
+    /// Bumped whenever a database is swapped: an answer from an older generation
+    /// may be stale.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// What the databases know about `ip`. Never fails: unknown addresses,
     /// inactive databases and decoding errors all give an empty result.
     pub fn lookup(&self, ip: IpAddr) -> GeoResult {
@@ -505,7 +511,7 @@ impl GeoIp {
         }
         if changed {
             self.generation.fetch_add(1, Ordering::AcqRel);
-            self.cache.invalidate_all();
+            self.cache.clear();
         }
         match first_error {
             Some(e) => Err(e),

@@ -111,16 +111,21 @@ impl Enricher {
 
     pub fn enrich(&self, ip: IpAddr, user_agent: &str) -> ClientInfo {
         let ip = ip.to_canonical();
-        let prefix = network_prefix(ip, self.config.prefix_v4, self.config.prefix_v6);
         let geo = self.geoip.lookup(ip);
+        self.client(ip, geo, self.ua.fingerprint(user_agent))
+    }
+
+    /// A client from its parts: the address's GeoIP answer and the fingerprint.
+    pub fn client(&self, ip: IpAddr, geo: GeoResult, ua: Arc<UaFingerprint>) -> ClientInfo {
+        let ip = ip.to_canonical();
         ClientInfo {
             ip,
-            prefix,
+            prefix: network_prefix(ip, self.config.prefix_v4, self.config.prefix_v6),
             country: geo.country,
             location: geo.location,
             asn: geo.asn,
             asn_org: geo.asn_org,
-            ua: self.ua.fingerprint(user_agent),
+            ua,
         }
     }
 

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use moka::sync::Cache;
+use quick_cache::sync::Cache;
 use serde::{Deserialize, Serialize};
 
 use super::EnrichError;
@@ -16,7 +16,7 @@ use super::EnrichError;
 /// uap-core 0.18.0 (npm), Apache-2.0; see `vendor/uap-core/`.
 const REGEXES_YAML: &str = include_str!("../../vendor/uap-core/regexes.yaml");
 /// Distinct user-agent strings remembered.
-const CACHE_CAPACITY: u64 = 10_000;
+const CACHE_CAPACITY: usize = 10_000;
 /// Longer strings are cut before parsing and caching: real ones are a few hundred
 /// bytes, and an attacker-sized header must not cost regex time or cache memory.
 const MAX_UA_BYTES: usize = 1024;
@@ -104,7 +104,7 @@ pub struct UaParser {
 impl fmt::Debug for UaParser {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UaParser")
-            .field("cached", &self.cache.entry_count())
+            .field("cached", &self.cache.len())
             .finish_non_exhaustive()
     }
 }

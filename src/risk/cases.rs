@@ -145,14 +145,24 @@ pub fn run_file(path: &Path, ua: &UaParser) -> Result<CaseReport, String> {
         let n = i + 1;
         let at_ms =
             parse_time(&step.at).map_err(|e| format!("{}: step {n}: {e}", path.display()))?;
-        let info = client(step, ua);
+        let info = Arc::new(client(step, ua));
         let (decision, fired) = match step.event {
             Event::Open => {
-                sim.open(at_ms, &step.session, &step.subject, info);
+                sim.open(
+                    at_ms,
+                    &step.session,
+                    &step.subject,
+                    ClientInfo::clone(&info),
+                );
                 (Decision::Allow, Vec::new())
             }
             Event::Reauth => {
-                sim.reauth(at_ms, &step.session, &step.subject, info);
+                sim.reauth(
+                    at_ms,
+                    &step.session,
+                    &step.subject,
+                    ClientInfo::clone(&info),
+                );
                 (Decision::Allow, Vec::new())
             }
             Event::Request | Event::Refresh | Event::RefreshReuse => {

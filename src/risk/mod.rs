@@ -98,7 +98,8 @@ pub enum RequestKind {
 pub struct RequestContext<'a> {
     pub kind: RequestKind,
     pub at_ms: i64,
-    pub client: &'a ClientInfo,
+    /// Shared with the observation the request leaves behind.
+    pub client: &'a Arc<ClientInfo>,
     pub method: Option<&'a str>,
     pub path: Option<&'a str>,
     pub referrer: Option<&'a str>,

@@ -124,7 +124,7 @@ impl Simulator {
         kind: RequestKind,
         session: &str,
         subject: &str,
-        client: &ClientInfo,
+        client: &Arc<ClientInfo>,
         fields: RequestFields<'_>,
         refresh_reused: bool,
     ) -> Scored {

@@ -50,6 +50,11 @@ pub struct SessionState {
     /// sighting (written behind on the next heartbeat).
     #[serde(default)]
     pub unsaved: bool,
+    /// The generation of the GeoIP databases that enriched the latest of `recent`
+    /// (none until the live monitor enriched one): while it holds, a request from
+    /// the same address and browser reuses that enrichment.
+    #[serde(skip)]
+    pub enriched_by: Option<u64>,
 }
 
 impl SessionState {
@@ -177,7 +182,7 @@ pub fn assess(
     }
     let observation = Observation {
         at_ms: ctx.at_ms,
-        client: Arc::new(ctx.client.clone()),
+        client: Arc::clone(ctx.client),
     };
     // Only requests we let through say where the user is: a refused request is
     // remembered (concurrent use sees it) but is nobody's new baseline.
@@ -232,7 +237,7 @@ mod tests {
         let limiters = RateLimiters::new(clock, 100);
         let rules = rules();
         let (home, thief) = (oslo(), lagos());
-        let mut s = SessionState::new("alice", Some(home.clone()));
+        let mut s = SessionState::new("alice", Some(ClientInfo::clone(&home)));
         let mut u = UserState::default();
         let e = assess(&rules, &limiters, &ctx(&home, 0), &mut s, &mut u);
         assert_eq!(e.decision, Decision::Allow);
@@ -274,14 +279,14 @@ mod tests {
         let limiters = RateLimiters::new(clock, 100);
         let rules = rules();
         let home = oslo();
-        let mut s = SessionState::new("alice", Some(home.clone()));
+        let mut s = SessionState::new("alice", Some(ClientInfo::clone(&home)));
         s.step_up = true;
         let mut u = UserState::default();
         assert_eq!(
             assess(&rules, &limiters, &ctx(&home, 0), &mut s, &mut u).decision,
             Decision::StepUp
         );
-        s.rebind(home.clone(), 0);
+        s.rebind(ClientInfo::clone(&home), 0);
         assert_eq!(
             assess(&rules, &limiters, &ctx(&home, 1), &mut s, &mut u).decision,
             Decision::Allow

@@ -721,7 +721,7 @@ impl SessionService {
         &self,
         token: &str,
         request: &RequestInfo,
-    ) -> Result<(Verdict, Option<crate::enrich::ClientInfo>), SessionError> {
+    ) -> Result<(Verdict, Option<Arc<crate::enrich::ClientInfo>>), SessionError> {
         let mut checked = self.check_token(token);
         // Another issuer may have rotated its keys: fetch its JWKS again (rate-bounded).
         if matches!(checked, Err(Verdict::Invalid(TokenError::UnknownKey)))

@@ -22,8 +22,12 @@ use crate::config::TokenSettings;
 
 /// Memory for verified tokens, by weighed size: bounded whatever the claims.
 const VERIFIED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
-/// Longer than any access token lives here; tokens are re-verified after it.
-const VERIFIED_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// Longer than any access token lives here; tokens are re-verified after it (on
+/// the injected clock).
+const VERIFIED_CACHE_TTL_SECS: UnixSeconds = 15 * 60;
+/// About how many tokens fit in [`VERIFIED_CACHE_BYTES`] (the cache sizes its
+/// table from it; the weight is the bound).
+const VERIFIED_CACHE_ITEMS: usize = 65_536;
 
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -143,7 +147,7 @@ pub struct TokenCodec {
     /// Tokens whose signature and claims already verified, by SHA-256 of the whole
     /// token: a token seen again skips the signature work. Times are still checked on
     /// every use (and revocation and rules run after this, as always).
-    verified: moka::sync::Cache<[u8; 32], (Arc<AccessClaims>, u32)>,
+    verified: quick_cache::sync::Cache<[u8; 32], Verified, ByWeight>,
     /// One validation per `kid`, each allowing exactly that key's algorithm.
     validations: HashMap<String, Validation>,
     /// Other issuers whose tokens we verify.
@@ -181,12 +185,11 @@ impl TokenCodec {
             .collect();
         Self {
             keys,
-            verified: moka::sync::Cache::builder()
-                // Weighed by the token's length, which bounds the claims' size.
-                .weigher(|_, entry: &(Arc<AccessClaims>, u32)| entry.1)
-                .max_capacity(VERIFIED_CACHE_BYTES)
-                .time_to_live(VERIFIED_CACHE_TTL)
-                .build(),
+            verified: quick_cache::sync::Cache::with_weighter(
+                VERIFIED_CACHE_ITEMS,
+                VERIFIED_CACHE_BYTES,
+                ByWeight,
+            ),
             validations,
             external: Arc::new(ExternalIssuers::default()),
             issuer: settings.issuer.clone(),
@@ -234,9 +237,11 @@ impl TokenCodec {
             return Err(TokenError::TooLarge);
         }
         let digest = crate::config::sha256(token.as_bytes());
-        if let Some((claims, _)) = self.verified.get(&digest) {
-            self.check_times(&claims, now)?;
-            return Ok((*claims).clone());
+        if let Some(hit) = self.verified.get(&digest)
+            && (hit.at..hit.at.saturating_add(VERIFIED_CACHE_TTL_SECS)).contains(&now)
+        {
+            self.check_times(&hit.claims, now)?;
+            return Ok((*hit.claims).clone());
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| classify_bad_header(token))?;
         let ours = header
@@ -250,7 +255,7 @@ impl TokenCodec {
                 .verify(token, &header)
                 .unwrap_or(Err(TokenError::UnknownKey))?;
             self.check_times(&claims, now)?;
-            self.remember(digest, &claims, token.len());
+            self.remember(digest, &claims, token.len(), now);
             return Ok(claims);
         }
         if !header.typ.as_deref().is_some_and(|t| {
@@ -279,14 +284,44 @@ impl TokenCodec {
                 return Err(TokenError::MissingClaim(name.to_owned()));
             }
         }
-        self.remember(digest, &claims, token.len());
+        self.remember(digest, &claims, token.len(), now);
         Ok(claims)
     }
 
-    fn remember(&self, digest: [u8; 32], claims: &AccessClaims, token_len: usize) {
+    fn remember(
+        &self,
+        digest: [u8; 32],
+        claims: &AccessClaims,
+        token_len: usize,
+        now: UnixSeconds,
+    ) {
+        // Weighed by the token's length, which bounds the claims' size.
         let weight = u32::try_from(token_len.saturating_mul(2) + 256).unwrap_or(u32::MAX);
-        self.verified
-            .insert(digest, (Arc::new(claims.clone()), weight));
+        self.verified.insert(
+            digest,
+            Verified {
+                claims: Arc::new(claims.clone()),
+                weight,
+                at: now,
+            },
+        );
+    }
+}
+
+/// A token whose signature and claims verified at `at`.
+#[derive(Clone)]
+struct Verified {
+    claims: Arc<AccessClaims>,
+    weight: u32,
+    at: UnixSeconds,
+}
+
+#[derive(Clone)]
+struct ByWeight;
+
+impl quick_cache::Weighter<[u8; 32], Verified> for ByWeight {
+    fn weight(&self, _: &[u8; 32], entry: &Verified) -> u64 {
+        u64::from(entry.weight)
     }
 }
 

@@ -329,6 +329,83 @@ fn hot_swap_by_rename_then_reload() {
 }
 
 #[test]
+fn a_session_reuses_its_enrichment_until_the_address_the_browser_or_the_databases_change() {
+    use tokenwarden::clock::ManualClock;
+    use tokenwarden::monitor::{Monitor, RequestInfo};
+    use tokenwarden::risk::RequestKind;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("city.mmdb");
+    let mut first = writer("GeoIP2-City", IpVersion::V6);
+    first
+        .insert_value(
+            net("203.0.113.0/24"),
+            geoip2_city("NO", "Oslo", 59.9133, 10.7389, 20),
+        )
+        .expect("insert");
+    install(&first, &path);
+    let enricher = Enricher::new(
+        EnrichConfig {
+            geoip_city: Some(path.clone()),
+            ..EnrichConfig::default()
+        },
+        Arc::new(UaParser::new().expect("regexes")),
+    )
+    .expect("enricher");
+    let clock = Arc::new(ManualClock::at(1_800_000_000));
+    let monitor = Monitor::new(None, Arc::new(enricher), clock.clone()).expect("monitor");
+    monitor.bind(
+        "s1",
+        "alice",
+        monitor.enrich(ip("203.0.113.9"), FIREFOX_133_0),
+    );
+    let seen = |addr: &str, ua: &str| {
+        clock.advance(Duration::from_secs(1));
+        let request = RequestInfo {
+            ip: Some(ip(addr)),
+            user_agent: Some(ua.to_owned()),
+            ..RequestInfo::default()
+        };
+        monitor
+            .assess(RequestKind::Request, ("j", "s1", "alice"), &request, false)
+            .expect("session in memory")
+            .client
+    };
+
+    let a = seen("203.0.113.9", FIREFOX_133_0);
+    let b = seen("203.0.113.9", FIREFOX_133_0);
+    assert!(
+        Arc::ptr_eq(&a, &b),
+        "same address and browser: the same enrichment"
+    );
+    assert_eq!(b.country.as_deref(), Some("NO"));
+    let c = seen("203.0.113.10", FIREFOX_133_0);
+    assert!(!Arc::ptr_eq(&b, &c), "a new address is looked up");
+    assert_eq!(c.ip, ip("203.0.113.10"));
+    let d = seen("203.0.113.10", CHROME_132);
+    assert!(!Arc::ptr_eq(&c, &d), "a new browser is fingerprinted");
+    assert_eq!(
+        (c.ua.family.as_str(), d.ua.family.as_str()),
+        ("Firefox", "Chrome")
+    );
+
+    // New databases: the next request, from the same address and browser, sees them.
+    let mut second = writer("GeoIP2-City", IpVersion::V6);
+    second
+        .insert_value(
+            net("203.0.113.0/24"),
+            geoip2_city("SE", "Stockholm", 59.3293, 18.0686, 30),
+        )
+        .expect("insert");
+    install(&second, &path);
+    assert!(monitor.enricher().geoip().reload().expect("reload"));
+    let e = seen("203.0.113.10", CHROME_132);
+    assert_eq!(e.country.as_deref(), Some("SE"));
+    let f = seen("203.0.113.10", CHROME_132);
+    assert!(Arc::ptr_eq(&e, &f), "and reuses them in turn");
+}
+
+#[test]
 fn broken_replacement_keeps_the_previous_database() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("city.mmdb");

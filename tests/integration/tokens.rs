@@ -8,7 +8,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use tokenwarden::config::{FileConfig, Settings};
-use tokenwarden::token::{KeySet, TokenCodec};
+use tokenwarden::token::{KeySet, TokenCodec, TokenError};
 
 use crate::support::{Fixture, Keys, TestApp, s, settings};
 
@@ -231,6 +231,35 @@ fn claims(
             .map(|(k, v)| (format!("x_{k}"), Value::String(v)))
             .collect(),
         foreign: false,
+    }
+}
+
+#[test]
+fn a_token_seen_before_is_still_checked_against_the_clock() {
+    for (kid, codec, _keys) in codecs() {
+        let iat = 1_800_000_000;
+        let c = claims("alice", "s", "j", iat, None);
+        let token = codec.mint(&c).unwrap();
+        let leeway = codec.leeway();
+        assert_eq!(codec.verify(&token, iat + 10), Ok(c.clone()), "{kid}");
+        assert_eq!(
+            codec.verify(&token, iat + 11),
+            Ok(c.clone()),
+            "{kid}: seen before"
+        );
+        assert_eq!(
+            codec.verify(&token, c.exp + leeway + 1),
+            Err(TokenError::Expired),
+            "{kid}: the verified-token cache never outlives the token"
+        );
+        // A clock stepped back verifies afresh; the last valid second is still valid.
+        assert_eq!(codec.verify(&token, iat + 5), Ok(c.clone()), "{kid}");
+        assert_eq!(codec.verify(&token, c.exp + leeway), Ok(c.clone()), "{kid}");
+        let tampered = format!("{token}x");
+        assert!(
+            codec.verify(&tampered, iat + 10).is_err(),
+            "{kid}: another token is not a hit"
+        );
     }
 }
 

@@ -100,7 +100,7 @@ mod tests {
         let (o, l) = (oslo(), lagos());
         let prev = Observation {
             at_ms: 0,
-            client: Arc::new(o.clone()),
+            client: o.clone(),
         };
         let h = evaluate(&params(true), &ctx(&l, 10 * 60_000), &view(&o, Some(&prev))).unwrap();
         assert_eq!(h.vars["prev_city"], "Oslo");
@@ -122,18 +122,18 @@ mod tests {
         let mut b = client("192.0.2.2", "SE", "B", 59.0, 17.63, 1);
         let prev = Observation {
             at_ms: 0,
-            client: Arc::new(a.clone()),
+            client: a.clone(),
         };
         let mut a2 = a.clone();
-        if let Some(l) = a2.location.as_mut() {
+        if let Some(l) = Arc::make_mut(&mut a2).location.as_mut() {
             l.radius_km = 80.0;
         }
-        if let Some(l) = b.location.as_mut() {
+        if let Some(l) = Arc::make_mut(&mut b).location.as_mut() {
             l.radius_km = 80.0;
         }
         let prev_wide = Observation {
             at_ms: 0,
-            client: Arc::new(a2.clone()),
+            client: a2.clone(),
         };
         assert!(
             evaluate(
@@ -149,10 +149,10 @@ mod tests {
     #[test]
     fn without_coordinates_nothing_fires() {
         let (o, mut l) = (oslo(), lagos());
-        l.location = None;
+        Arc::make_mut(&mut l).location = None;
         let prev = Observation {
             at_ms: 0,
-            client: Arc::new(o.clone()),
+            client: o.clone(),
         };
         assert!(evaluate(&params(true), &ctx(&l, 60_000), &view(&o, Some(&prev))).is_none());
     }

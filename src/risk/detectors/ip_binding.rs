@@ -36,10 +36,10 @@ mod tests {
     fn each_tier_fires_only_on_its_own_kind_of_change() {
         let home = oslo();
         let mut same_net = oslo();
-        same_net.ip = "198.51.100.77".parse().unwrap();
+        std::sync::Arc::make_mut(&mut same_net).ip = "198.51.100.77".parse().unwrap();
         let abroad = lagos();
         let tiers = [Tier::Exact, Tier::Prefix, Tier::Asn, Tier::Country];
-        let fires = |t: Tier, now: &crate::enrich::ClientInfo| {
+        let fires = |t: Tier, now: &std::sync::Arc<crate::enrich::ClientInfo>| {
             evaluate(&IpBinding { tier: t }, &ctx(now, 0), &view(&home, None)).is_some()
         };
         assert_eq!(tiers.map(|t| fires(t, &home)), [false; 4]);
@@ -49,8 +49,8 @@ mod tests {
         );
         assert_eq!(tiers.map(|t| fires(t, &abroad)), [true; 4]);
         let mut unknown = lagos();
-        unknown.country = None;
-        unknown.asn = None;
+        std::sync::Arc::make_mut(&mut unknown).country = None;
+        std::sync::Arc::make_mut(&mut unknown).asn = None;
         assert_eq!(
             tiers.map(|t| fires(t, &unknown)),
             [true, true, false, false]

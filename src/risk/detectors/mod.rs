@@ -46,13 +46,21 @@ fn hit(_ctx: &RequestContext<'_>, detail: String) -> Hit {
 pub(crate) mod fixtures {
     //! Clients and contexts for detector tests.
     use std::net::IpAddr;
+    use std::sync::Arc;
 
     use crate::enrich::{ClientInfo, DeviceClass, Location, UaFingerprint, network_prefix};
     use crate::risk::{Observation, RequestContext, RequestKind, SessionView};
 
-    pub fn client(ip: &str, country: &str, city: &str, lat: f64, lon: f64, asn: u32) -> ClientInfo {
+    pub fn client(
+        ip: &str,
+        country: &str,
+        city: &str,
+        lat: f64,
+        lon: f64,
+        asn: u32,
+    ) -> Arc<ClientInfo> {
         let ip: IpAddr = ip.parse().unwrap();
-        ClientInfo {
+        Arc::new(ClientInfo {
             ip,
             prefix: network_prefix(ip, 24, 48),
             country: Some(country.into()),
@@ -71,18 +79,18 @@ pub(crate) mod fixtures {
                 os: "Linux".into(),
                 device: DeviceClass::Desktop,
             }),
-        }
+        })
     }
 
-    pub fn oslo() -> ClientInfo {
+    pub fn oslo() -> Arc<ClientInfo> {
         client("198.51.100.10", "NO", "Oslo", 59.9139, 10.7522, 2119)
     }
 
-    pub fn lagos() -> ClientInfo {
+    pub fn lagos() -> Arc<ClientInfo> {
         client("203.0.113.50", "NG", "Lagos", 6.5244, 3.3792, 29465)
     }
 
-    pub fn ctx<'a>(client: &'a ClientInfo, at_ms: i64) -> RequestContext<'a> {
+    pub fn ctx<'a>(client: &'a Arc<ClientInfo>, at_ms: i64) -> RequestContext<'a> {
         RequestContext {
             kind: RequestKind::Request,
             at_ms,

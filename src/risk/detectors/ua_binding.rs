@@ -38,10 +38,10 @@ mod tests {
         let p = UaBinding { device_class: true };
         assert!(evaluate(&p, &ctx(&home, 0), &view(&home, None)).is_none());
         let mut upgraded = oslo();
-        Arc::make_mut(&mut upgraded.ua).major = Some("134".into());
+        Arc::make_mut(&mut Arc::make_mut(&mut upgraded).ua).major = Some("134".into());
         assert!(evaluate(&p, &ctx(&upgraded, 0), &view(&home, None)).is_some());
         let mut phone = oslo();
-        Arc::make_mut(&mut phone.ua).device = DeviceClass::Mobile;
+        Arc::make_mut(&mut Arc::make_mut(&mut phone).ua).device = DeviceClass::Mobile;
         assert!(evaluate(&p, &ctx(&phone, 0), &view(&home, None)).is_some());
         let lenient = UaBinding {
             device_class: false,

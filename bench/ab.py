@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Two builds of tokenwarden side by side, for judging a change to the hot path on a
+noisy machine: a saved binary (A, e.g. the previous commit's) and the current
+release build (B), measured in turns (A, B, A, B, ...), each 6 s, with the same
+kind of load. Prints every turn and the ratio B/A of the means.
+
+    cp target/release/tokenwarden /tmp/tokenwarden-before   # before the change
+    cargo build --release --bin tokenwarden                 # after it
+    python3 bench/ab.py /tmp/tokenwarden-before             # HS512 forward-auth, saturation
+    python3 bench/ab.py /tmp/tokenwarden-before HS512 forward-auth 2000 --rounds 4
+
+Both servers run on the server core with their own SQLite file, keys and 10,000
+sessions; only the one under load is busy.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import RELEASE, Tokenwarden, wrk  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("before", type=Path, help="the tokenwarden binary to compare against (A)")
+    ap.add_argument("alg", nargs="?", default="HS512", choices=["HS512", "ES256", "EdDSA"])
+    ap.add_argument("mode", nargs="?", default="forward-auth", choices=["forward-auth", "verify"])
+    ap.add_argument("rate", nargs="?", type=int, default=0, help="requests per second (0: saturation)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sessions", type=int, default=10000)
+    args = ap.parse_args()
+    if not args.before.is_file():
+        sys.exit(f"no binary at {args.before}")
+    connections = 16 if 0 < args.rate <= 2000 else 64
+    with tempfile.TemporaryDirectory(prefix="tokenwarden-ab-") as work:
+        servers = {
+            "A": Tokenwarden(work, args.alg, binary=args.before, name="-a"),
+            "B": Tokenwarden(work, args.alg, binary=RELEASE / "tokenwarden", name="-b"),
+        }
+        tokens = {k: tw.tokens(args.sessions, 0)[0] for k, tw in servers.items()}
+        for k, tw in servers.items():
+            wrk(tw.base, tokens[k], args.mode, 3, app_key=tw.app_key, pids=[tw.proc.pid])  # warm
+        runs = {"A": [], "B": []}
+        for n in range(args.rounds):
+            for k, tw in servers.items():
+                r = wrk(tw.base, tokens[k], args.mode, 6, connections=connections, rate=args.rate,
+                        app_key=tw.app_key, pids=[tw.proc.pid])
+                runs[k].append(r)
+                print(f"round {n + 1} {k}  {r['rps']:>9,.0f} req/s  {r['cpu_per_request_us']:6.1f} µs/req  "
+                      f"p50 {r['p50']:.3f} ms", flush=True)
+        for tw in servers.values():
+            tw.proc.stop()
+    mean = {k: {m: statistics.mean(r[m] for r in v) for m in ("rps", "cpu_per_request_us", "p50")}
+            for k, v in runs.items()}
+    for k in ("A", "B"):
+        print(f"{k} mean      {mean[k]['rps']:>9,.0f} req/s  {mean[k]['cpu_per_request_us']:6.1f} µs/req  "
+              f"p50 {mean[k]['p50']:.3f} ms")
+    print(f"B/A         rate {mean['B']['rps'] / mean['A']['rps']:.3f}×  "
+          f"CPU per request {mean['B']['cpu_per_request_us'] / mean['A']['cpu_per_request_us']:.3f}×  "
+          f"p50 {mean['B']['p50'] / mean['A']['p50']:.3f}×")
+
+
+if __name__ == "__main__":
+    main()
