@@ -128,7 +128,7 @@ fn without_query(url: &str) -> String {
     url.split(['?', '#']).next().unwrap_or_default().to_owned()
 }
 
-/// RFC 3339 with milliseconds, UTC.
+/// RFC 3339 with milliseconds, UTC; the epoch for a time out of range.
 pub fn rfc3339_ms(ms: i64) -> String {
     // Every event of a second shares its date and time of day: formatted once per
     // second and thread, then only the milliseconds are appended.
@@ -137,11 +137,7 @@ pub fn rfc3339_ms(ms: i64) -> String {
             const { std::cell::RefCell::new((i64::MIN, String::new())) };
     }
     let (second, millis) = (ms.div_euclid(1000), ms.rem_euclid(1000));
-    SECOND.with_borrow_mut(|(cached, prefix)| {
-        if *cached != second {
-            *prefix = format_second(second);
-            *cached = second;
-        }
+    let with_millis = |prefix: &str| {
         let mut out = String::with_capacity(prefix.len() + 5);
         out.push_str(prefix);
         out.push('.');
@@ -151,15 +147,27 @@ pub fn rfc3339_ms(ms: i64) -> String {
         }
         out.push('Z');
         out
-    })
+    };
+    SECOND
+        .try_with(|cell| {
+            let mut cached = cell.borrow_mut();
+            if cached.0 != second {
+                cached.1 = format_second(second)?;
+                cached.0 = second;
+            }
+            Some(with_millis(&cached.1))
+        })
+        .ok()
+        .flatten()
+        .or_else(|| format_second(second).map(|p| with_millis(&p)))
+        .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".to_owned())
 }
 
-/// `YYYY-MM-DDTHH:MM:SS` of a Unix second, UTC.
-fn format_second(second: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(second)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+/// `YYYY-MM-DDTHH:MM:SS` of a Unix second, UTC; `None` out of range.
+fn format_second(second: i64) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp(second).ok()?;
     let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
-    t.format(&fmt).unwrap_or_default()
+    t.format(&fmt).ok()
 }
 
 impl Event {
@@ -414,6 +422,12 @@ mod tests {
         assert_eq!(rfc3339_ms(1_800_000_000_000), "2027-01-15T08:00:00.000Z");
         // Before 1970 the second rounds down and the milliseconds stay positive.
         assert_eq!(rfc3339_ms(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339_ms(1_800_000_000_007), "2027-01-15T08:00:00.007Z");
+        assert_eq!(
+            rfc3339_ms(i64::MAX),
+            "1970-01-01T00:00:00.000Z",
+            "out of range"
+        );
     }
 
     #[test]

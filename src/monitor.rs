@@ -305,42 +305,51 @@ impl Monitor {
             .user_agent
             .as_deref()
             .map(|ua| self.enricher.ua_fingerprint(ua));
+        let ip = request.ip.map(|ip| ip.to_canonical());
         let generation = self.enricher.geoip().generation();
+        // The same address and browser as the session's previous request, enriched
+        // by the same GeoIP databases: that enrichment stands (the common case, and
+        // no lookup or allocation).
+        let reusable = |s: &SessionState| {
+            let (ip, fingerprint) = (ip?, fingerprint.as_ref()?);
+            let last = s.recent.back()?;
+            (s.enriched_by == Some(generation)
+                && last.client.ip == ip
+                && *fingerprint == last.client.ua)
+                .then(|| Arc::clone(&last.client))
+        };
         let mut session = self.sessions.get_mut(session_id)?;
-        let client = match (request.ip.map(|ip| ip.to_canonical()), &session.binding) {
-            // The same address and browser as the session's previous request, enriched
-            // by the same GeoIP databases: that enrichment stands (the common case, and
-            // no lookup or allocation).
-            (Some(ip), _)
-                if session.enriched_by == Some(generation)
-                    && let Some(last) = session.recent.back()
-                    && last.client.ip == ip
-                    && fingerprint.as_ref().is_some_and(|f| *f == last.client.ua) =>
-            {
-                Arc::clone(&last.client)
-            }
-            (Some(ip), bound) => {
+        let client = match (reusable(&session), ip) {
+            (Some(client), _) => client,
+            (None, Some(ip)) => {
+                // The lookup runs outside the session's lock (it may read the
+                // memory-mapped database from disk).
+                drop(session);
                 let geo = self.enricher.geoip().lookup(ip);
+                session = self.sessions.get_mut(session_id)?;
                 // No User-Agent given is not a different browser: keep the bound one.
-                let ua = match (&fingerprint, bound) {
+                let ua = match (&fingerprint, &session.binding) {
                     (Some(f), _) => Arc::clone(f),
                     (None, Some(b)) => Arc::clone(&b.ua),
                     (None, None) => self.enricher.ua_fingerprint(""),
                 };
-                session.enriched_by = Some(generation);
                 Arc::new(self.enricher.client(ip, geo, ua))
             }
             // Without the request's IP, the binding stands in for the network: IP rules
             // cannot fire; a given User-Agent still counts.
-            (None, Some(bound)) => match &fingerprint {
-                Some(ua) => Arc::new(ClientInfo {
+            (None, None) => match (&session.binding, &fingerprint) {
+                (Some(bound), Some(ua)) => Arc::new(ClientInfo {
                     ua: Arc::clone(ua),
                     ..ClientInfo::clone(bound)
                 }),
-                None => Arc::clone(bound),
+                (Some(bound), None) => Arc::clone(bound),
+                (None, _) => return None,
             },
-            (None, None) => return None,
         };
+        // What enriched the observation this request leaves (the newest of `recent`):
+        // the databases of this generation, or (without an IP) the binding, whose
+        // origin is not known here.
+        session.enriched_by = ip.map(|_| generation);
         let ctx = RequestContext {
             kind,
             at_ms: self.clock.now_millis(),

@@ -87,6 +87,8 @@ impl SessionState {
         self.risk_at_ms = at_ms;
         self.step_up = false;
         self.step_up_message = None;
+        // The new binding's enrichment is not known to be current.
+        self.enriched_by = None;
         self.allowed(Observation {
             at_ms,
             client: binding,

@@ -394,3 +394,55 @@ pub fn binding_digest(canonical: &str) -> String {
     let digest = crate::config::sha256(canonical.as_bytes());
     URL_SAFE_NO_PAD.encode(&digest[..16])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verified_token_is_remembered_for_fifteen_minutes_of_the_injected_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keys, _) = KeySet::load_or_create_dev(dir.path()).unwrap();
+        let settings = crate::config::Settings::resolve(
+            crate::config::FileConfig::default(),
+            &Default::default(),
+        )
+        .unwrap();
+        let codec = TokenCodec::new(keys, &settings.tokens);
+        let at = 1_800_000_000;
+        let claims = AccessClaims {
+            iss: codec.issuer().into(),
+            aud: codec.audience().into(),
+            sub: "alice".into(),
+            jti: "j".into(),
+            sid: "s".into(),
+            iat: at,
+            nbf: None,
+            exp: at + 86_400,
+            auth_time: at,
+            bnd: "b".into(),
+            generation: 0,
+            epoch: 0,
+            acr: None,
+            amr: None,
+            extra: Default::default(),
+            foreign: false,
+        };
+        // An entry planted for a string that would never verify shows when the
+        // cache answers and when verification runs afresh.
+        let planted = "not-a-token";
+        codec.remember(
+            crate::config::sha256(planted.as_bytes()),
+            &claims,
+            planted.len(),
+            at,
+        );
+        assert_eq!(codec.verify(planted, at), Ok(claims.clone()));
+        assert_eq!(codec.verify(planted, at + 899), Ok(claims.clone()));
+        assert!(codec.verify(planted, at + 900).is_err(), "after 15 minutes");
+        assert!(
+            codec.verify(planted, at - 1).is_err(),
+            "a clock stepped back"
+        );
+    }
+}

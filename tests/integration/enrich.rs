@@ -403,6 +403,32 @@ fn a_session_reuses_its_enrichment_until_the_address_the_browser_or_the_database
     assert_eq!(e.country.as_deref(), Some("SE"));
     let f = seen("203.0.113.10", CHROME_132);
     assert!(Arc::ptr_eq(&e, &f), "and reuses them in turn");
+
+    // A request without an address leaves the binding (enriched by the old databases)
+    // as the latest sighting; the next request from the bound address is looked up
+    // afresh, not taken from it.
+    clock.advance(Duration::from_secs(1));
+    let without_ip = RequestInfo {
+        user_agent: Some(FIREFOX_133_0.to_owned()),
+        ..RequestInfo::default()
+    };
+    let bound = monitor
+        .assess(
+            RequestKind::Request,
+            ("j", "s1", "alice"),
+            &without_ip,
+            false,
+        )
+        .expect("session in memory")
+        .client;
+    assert_eq!(
+        bound.country.as_deref(),
+        Some("NO"),
+        "the binding stands in"
+    );
+    let g = seen("203.0.113.9", FIREFOX_133_0);
+    assert_eq!(g.country.as_deref(), Some("SE"));
+    assert!(Arc::ptr_eq(&g, &seen("203.0.113.9", FIREFOX_133_0)));
 }
 
 #[test]
