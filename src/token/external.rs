@@ -7,6 +7,7 @@
 //! `min_refresh_interval`, so a flood of made-up `kid`s cannot hammer the issuer.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +52,8 @@ struct Key {
     decoding: DecodingKey,
     /// The key's own `alg`, when the JWKS names one.
     alg: Option<Algorithm>,
+    /// SHA-256 of the JWK as published: a key replaced under the same `kid` differs.
+    material: [u8; 32],
 }
 
 #[derive(Default)]
@@ -71,6 +74,8 @@ pub struct ExternalIssuer {
     /// Serialises fetches, so concurrent unknown `kid`s cause one request.
     fetching: tokio::sync::Mutex<()>,
     http: reqwest::Client,
+    /// Shared by all issuers: bumped when a key is withdrawn or replaced.
+    withdrawals: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ExternalIssuer {
@@ -115,7 +120,15 @@ fn parse_jwks(text: &[u8], from: &str) -> Result<HashMap<String, Key>, JwksError
             .and_then(|a| Algorithm::try_from(a).ok());
         match DecodingKey::from_jwk(jwk) {
             Ok(decoding) => {
-                by_kid.insert(kid, Key { decoding, alg });
+                let material = crate::config::sha256(&serde_json::to_vec(jwk).unwrap_or_default());
+                by_kid.insert(
+                    kid,
+                    Key {
+                        decoding,
+                        alg,
+                        material,
+                    },
+                );
             }
             Err(e) => tracing::warn!(kid, from, error = %e, "ignoring an unreadable JWKS key"),
         }
@@ -124,7 +137,12 @@ fn parse_jwks(text: &[u8], from: &str) -> Result<HashMap<String, Key>, JwksError
 }
 
 impl ExternalIssuer {
-    fn new(settings: IssuerSettings, http: reqwest::Client, clock: SharedClock) -> Self {
+    fn new(
+        settings: IssuerSettings,
+        http: reqwest::Client,
+        clock: SharedClock,
+        withdrawals: Arc<AtomicU64>,
+    ) -> Self {
         let algorithms = settings
             .algorithms
             .iter()
@@ -138,6 +156,7 @@ impl ExternalIssuer {
             clock,
             fetching: tokio::sync::Mutex::new(()),
             http,
+            withdrawals,
         }
     }
 
@@ -165,10 +184,20 @@ impl ExternalIssuer {
         };
         let by_kid = parse_jwks(&bytes, &from)?;
         let n = by_kid.len();
+        let withdrawn = self.keys.load().by_kid.iter().any(|(kid, old)| {
+            by_kid
+                .get(kid)
+                .is_none_or(|new| new.material != old.material)
+        });
         self.keys.store(Arc::new(KeySnapshot {
             by_kid,
             fetched: Some(self.clock.now_millis()),
         }));
+        if withdrawn {
+            // After the swap: whoever reads the new count also sees the new keys.
+            self.withdrawals.fetch_add(1, Ordering::AcqRel);
+            tracing::info!(issuer = %self.settings.issuer, "issuer keys withdrawn or replaced");
+        }
         tracing::info!(issuer = %self.settings.issuer, keys = n, from, "issuer keys loaded");
         Ok(n)
     }
@@ -320,6 +349,7 @@ pub fn session_id(issuer: &str, key: &str) -> String {
 #[derive(Debug, Default)]
 pub struct ExternalIssuers {
     list: Vec<ExternalIssuer>,
+    withdrawals: Arc<AtomicU64>,
 }
 
 impl ExternalIssuers {
@@ -333,8 +363,14 @@ impl ExternalIssuers {
             .build()
             .map_err(|e| JwksError::Fetch("(client)".into(), e.to_string()))?;
         let mut list = Vec::new();
+        let withdrawals = Arc::new(AtomicU64::new(0));
         for s in settings {
-            let issuer = ExternalIssuer::new(s.clone(), http.clone(), clock.clone());
+            let issuer = ExternalIssuer::new(
+                s.clone(),
+                http.clone(),
+                clock.clone(),
+                Arc::clone(&withdrawals),
+            );
             match (&s.jwks, issuer.load().await) {
                 (_, Ok(_)) => {}
                 (JwksSource::File(_), Err(e)) => return Err(e),
@@ -344,11 +380,17 @@ impl ExternalIssuers {
             }
             list.push(issuer);
         }
-        Ok(Self { list })
+        Ok(Self { list, withdrawals })
     }
 
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+
+    /// How many times an issuer withdrew or replaced a key: a token verified under
+    /// an earlier count may have been signed by a key no longer published.
+    pub fn withdrawals(&self) -> u64 {
+        self.withdrawals.load(Ordering::Acquire)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &ExternalIssuer> {

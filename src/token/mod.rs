@@ -237,7 +237,10 @@ impl TokenCodec {
             return Err(TokenError::TooLarge);
         }
         let digest = crate::config::sha256(token.as_bytes());
+        // Read before any key is: a key withdrawn from here on makes this entry stale.
+        let withdrawals = self.external.withdrawals();
         if let Some(hit) = self.verified.get(&digest)
+            && hit.withdrawals == withdrawals
             && (hit.at..hit.at.saturating_add(VERIFIED_CACHE_TTL_SECS)).contains(&now)
         {
             self.check_times(&hit.claims, now)?;
@@ -255,7 +258,7 @@ impl TokenCodec {
                 .verify(token, &header)
                 .unwrap_or(Err(TokenError::UnknownKey))?;
             self.check_times(&claims, now)?;
-            self.remember(digest, &claims, token.len(), now);
+            self.remember(digest, &claims, token.len(), (now, withdrawals));
             return Ok(claims);
         }
         if !header.typ.as_deref().is_some_and(|t| {
@@ -284,16 +287,18 @@ impl TokenCodec {
                 return Err(TokenError::MissingClaim(name.to_owned()));
             }
         }
-        self.remember(digest, &claims, token.len(), now);
+        self.remember(digest, &claims, token.len(), (now, withdrawals));
         Ok(claims)
     }
 
+    /// Remembers a verified token, with when it was verified and the count of key
+    /// withdrawals read before verifying it.
     fn remember(
         &self,
         digest: [u8; 32],
         claims: &AccessClaims,
         token_len: usize,
-        now: UnixSeconds,
+        (now, withdrawals): (UnixSeconds, u64),
     ) {
         // Weighed by the token's length, which bounds the claims' size.
         let weight = u32::try_from(token_len.saturating_mul(2) + 256).unwrap_or(u32::MAX);
@@ -303,17 +308,20 @@ impl TokenCodec {
                 claims: Arc::new(claims.clone()),
                 weight,
                 at: now,
+                withdrawals,
             },
         );
     }
 }
 
-/// A token whose signature and claims verified at `at`.
+/// A token whose signature and claims verified at `at`, when `withdrawals` keys
+/// had been withdrawn.
 #[derive(Clone)]
 struct Verified {
     claims: Arc<AccessClaims>,
     weight: u32,
     at: UnixSeconds,
+    withdrawals: u64,
 }
 
 #[derive(Clone)]
@@ -435,7 +443,7 @@ mod tests {
             crate::config::sha256(planted.as_bytes()),
             &claims,
             planted.len(),
-            at,
+            (at, 0),
         );
         assert_eq!(codec.verify(planted, at), Ok(claims.clone()));
         assert_eq!(codec.verify(planted, at + 899), Ok(claims.clone()));

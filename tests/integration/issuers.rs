@@ -49,6 +49,18 @@ impl Idp {
         let pem = generate(alg).unwrap();
         let mut pems = self.pems.lock().unwrap();
         pems.push((kid.to_owned(), alg, pem));
+        self.publish(&pems, kid);
+    }
+
+    /// The key is withdrawn from the JWKS (the issuer's answer to its theft).
+    fn retire(&self, kid: &str) {
+        let mut pems = self.pems.lock().unwrap();
+        pems.retain(|(k, _, _)| k != kid);
+        let signer = pems[0].0.clone();
+        self.publish(&pems, &signer);
+    }
+
+    fn publish(&self, pems: &[(String, KeyAlgorithm, String)], signer: &str) {
         let entries: Vec<KeyEntry> = pems
             .iter()
             .map(|(kid, alg, pem)| {
@@ -61,7 +73,7 @@ impl Idp {
                 }
             })
             .collect();
-        let set = KeySet::load(&entries, Some(kid)).unwrap();
+        let set = KeySet::load(&entries, Some(signer)).unwrap();
         *self.jwks.lock().unwrap() = set.jwks().clone();
     }
 
@@ -338,6 +350,51 @@ async fn a_rotated_key_is_fetched_on_its_first_token_and_fetches_are_rate_bounde
         idp.fetches.load(Ordering::SeqCst),
         3,
         "one fetch for 20 unknown kids"
+    );
+}
+
+#[tokio::test]
+async fn a_withdrawn_key_stops_its_tokens_at_once_though_they_were_verified_before() {
+    let idp = Idp::new();
+    let url = idp.serve().await;
+    let (app, _f) = spawn(JwksSource::Url(url)).await;
+    let now = app.clock.now();
+    let stolen = idp.sign("idp-1", &claims(now, "s-w", "w1"));
+    assert_eq!(
+        verify(&app, &stolen, "81.2.69.142").await["decision"],
+        "allow"
+    );
+    assert_eq!(
+        verify(&app, &stolen, "81.2.69.142").await["decision"],
+        "allow"
+    );
+
+    // The issuer rotates: idp-1 leaves the JWKS, idp-2 signs. The first idp-2 token
+    // fetches the new set.
+    idp.add_key("idp-2", KeyAlgorithm::EdDSA);
+    idp.retire("idp-1");
+    app.clock.advance(Duration::from_secs(31));
+    let fresh = idp.sign("idp-2", &claims(app.clock.now(), "s-w2", "w2"));
+    assert_eq!(
+        verify(&app, &fresh, "81.2.69.142").await["decision"],
+        "allow"
+    );
+    assert_eq!(idp.fetches.load(Ordering::SeqCst), 2);
+
+    // The token verified (and cached) under idp-1 is refused now, not 15 minutes on.
+    let v = verify(&app, &stolen, "81.2.69.142").await;
+    assert_eq!(v["decision"], "invalid", "{v}");
+    assert!(
+        v["reasons"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("unknown_kid"),
+        "{v}"
+    );
+    // Tokens of the keys still published verify as before.
+    assert_eq!(
+        verify(&app, &fresh, "81.2.69.142").await["decision"],
+        "allow"
     );
 }
 
