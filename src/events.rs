@@ -422,6 +422,7 @@ mod tests {
         assert_eq!(rfc3339_ms(1_800_000_000_000), "2027-01-15T08:00:00.000Z");
         // Before 1970 the second rounds down and the milliseconds stay positive.
         assert_eq!(rfc3339_ms(-1), "1969-12-31T23:59:59.999Z");
+        // Back to a second formatted before, after another one was cached.
         assert_eq!(rfc3339_ms(1_800_000_000_007), "2027-01-15T08:00:00.007Z");
         assert_eq!(
             rfc3339_ms(i64::MAX),

@@ -110,9 +110,7 @@ impl Enricher {
     }
 
     pub fn enrich(&self, ip: IpAddr, user_agent: &str) -> ClientInfo {
-        let ip = ip.to_canonical();
-        let geo = self.geoip.lookup(ip);
-        self.client(ip, geo, self.ua.fingerprint(user_agent))
+        self.client(ip, self.geoip.lookup(ip), self.ua.fingerprint(user_agent))
     }
 
     /// A client from its parts: the address's GeoIP answer and the fingerprint.

@@ -285,18 +285,23 @@ fn flat_dbip_layout_fixture_uses_default_radius() {
     assert_eq!(json["city"]["ip_version"], 4);
 }
 
+/// A city database that places 203.0.113.0/24 in one city, installed at `path`
+/// by rename (as a database update arrives).
+fn install_one_city(path: &Path, country: &str, city: &str, (lat, lon): (f64, f64), radius: u16) {
+    let mut db = writer("GeoIP2-City", IpVersion::V6);
+    db.insert_value(
+        net("203.0.113.0/24"),
+        geoip2_city(country, city, lat, lon, radius),
+    )
+    .expect("insert");
+    install(&db, path);
+}
+
 #[test]
 fn hot_swap_by_rename_then_reload() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("city.mmdb");
-    let mut first = writer("GeoIP2-City", IpVersion::V6);
-    first
-        .insert_value(
-            net("203.0.113.0/24"),
-            geoip2_city("NO", "Oslo", 59.9133, 10.7389, 20),
-        )
-        .expect("insert");
-    install(&first, &path);
+    install_one_city(&path, "NO", "Oslo", (59.9133, 10.7389), 20);
 
     let geo = GeoIp::open(&EnrichConfig {
         geoip_city: Some(path.clone()),
@@ -307,14 +312,7 @@ fn hot_swap_by_rename_then_reload() {
     assert_eq!(geo.lookup(client).country.as_deref(), Some("NO"));
     assert!(!geo.reload().expect("reload"), "nothing changed yet");
 
-    let mut second = writer("GeoIP2-City", IpVersion::V6);
-    second
-        .insert_value(
-            net("203.0.113.0/24"),
-            geoip2_city("SE", "Stockholm", 59.3293, 18.0686, 30),
-        )
-        .expect("insert");
-    install(&second, &path);
+    install_one_city(&path, "SE", "Stockholm", (59.3293, 18.0686), 30);
 
     // Until reload, the mapped old file keeps answering (from the cache or the reader).
     assert_eq!(geo.lookup(client).country.as_deref(), Some("NO"));
@@ -336,14 +334,7 @@ fn a_session_reuses_its_enrichment_until_the_address_the_browser_or_the_database
 
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("city.mmdb");
-    let mut first = writer("GeoIP2-City", IpVersion::V6);
-    first
-        .insert_value(
-            net("203.0.113.0/24"),
-            geoip2_city("NO", "Oslo", 59.9133, 10.7389, 20),
-        )
-        .expect("insert");
-    install(&first, &path);
+    install_one_city(&path, "NO", "Oslo", (59.9133, 10.7389), 20);
     let enricher = Enricher::new(
         EnrichConfig {
             geoip_city: Some(path.clone()),
@@ -390,14 +381,7 @@ fn a_session_reuses_its_enrichment_until_the_address_the_browser_or_the_database
     );
 
     // New databases: the next request, from the same address and browser, sees them.
-    let mut second = writer("GeoIP2-City", IpVersion::V6);
-    second
-        .insert_value(
-            net("203.0.113.0/24"),
-            geoip2_city("SE", "Stockholm", 59.3293, 18.0686, 30),
-        )
-        .expect("insert");
-    install(&second, &path);
+    install_one_city(&path, "SE", "Stockholm", (59.3293, 18.0686), 30);
     assert!(monitor.enricher().geoip().reload().expect("reload"));
     let e = seen("203.0.113.10", CHROME_132);
     assert_eq!(e.country.as_deref(), Some("SE"));
@@ -435,13 +419,7 @@ fn a_session_reuses_its_enrichment_until_the_address_the_browser_or_the_database
 fn broken_replacement_keeps_the_previous_database() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("city.mmdb");
-    let mut good = writer("GeoIP2-City", IpVersion::V6);
-    good.insert_value(
-        net("203.0.113.0/24"),
-        geoip2_city("NO", "Oslo", 59.9133, 10.7389, 20),
-    )
-    .expect("insert");
-    install(&good, &path);
+    install_one_city(&path, "NO", "Oslo", (59.9133, 10.7389), 20);
     let geo = GeoIp::open(&EnrichConfig {
         geoip_city: Some(path.clone()),
         ..EnrichConfig::default()
