@@ -19,8 +19,6 @@ use crate::store::{SharedStore, StoredEvent};
 /// PostgreSQL refuses in text, and which would fail the whole batch it travels
 /// in) is stored as U+FFFD.
 fn stored(e: &Event) -> Option<StoredEvent> {
-    let t =
-        time::OffsetDateTime::parse(&e.ts, &time::format_description::well_known::Rfc3339).ok()?;
     let clean = |s: &Option<String>| {
         s.as_deref().map(|s| {
             if s.contains('\0') {
@@ -35,7 +33,7 @@ fn stored(e: &Event) -> Option<StoredEvent> {
         event = event.replace("\\u0000", "\\ufffd");
     }
     Some(StoredEvent {
-        ts_ms: i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()?,
+        ts_ms: parse_ms(&e.ts)?,
         kind: e.kind.as_str().to_owned(),
         session_id: clean(&e.session_id),
         subject: clean(&e.subject),
@@ -161,6 +159,45 @@ pub fn rfc3339_ms(ms: i64) -> String {
         .flatten()
         .or_else(|| format_second(second).map(|p| with_millis(&p)))
         .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".to_owned())
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time. The events of one second share
+/// their first 19 characters (what [`rfc3339_ms`] writes): that second is parsed once
+/// per thread, then only the milliseconds are read; anything else is parsed in full.
+fn parse_ms(ts: &str) -> Option<i64> {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(String, i64)> =
+            const { std::cell::RefCell::new((String::new(), 0)) };
+    }
+    let full = || {
+        let t =
+            time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()?;
+        i64::try_from(t.unix_timestamp_nanos().div_euclid(1_000_000)).ok()
+    };
+    // `YYYY-MM-DDTHH:MM:SS.mmmZ`, the only shape this fast path reads.
+    let b = ts.as_bytes();
+    if b.len() != 24 || b[19] != b'.' || b[23] != b'Z' || !b[20..23].iter().all(u8::is_ascii_digit)
+    {
+        return full();
+    }
+    let millis = b[20..23]
+        .iter()
+        .fold(0_i64, |n, d| n * 10 + i64::from(d - b'0'));
+    let (prefix, _) = ts.split_at(19);
+    SECOND
+        .try_with(|cell| {
+            let mut cached = cell.borrow_mut();
+            if cached.0 != prefix {
+                let ms = full()?;
+                cached.0.clear();
+                cached.0.push_str(prefix);
+                cached.1 = (ms - millis).div_euclid(1000);
+            }
+            Some(cached.1 * 1000 + millis)
+        })
+        .ok()
+        .flatten()
+        .or_else(full)
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` of a Unix second, UTC; `None` out of range.
@@ -371,15 +408,15 @@ impl EventSink {
                 }
             }
             let queued = batch.len();
-            let rows: Vec<StoredEvent> = batch.drain(..).filter_map(|e| stored(&e)).collect();
+            let rows: Arc<[StoredEvent]> = batch.drain(..).filter_map(|e| stored(&e)).collect();
             // An event that cannot be encoded counts as lost, not silently.
             self.dropped_failed
                 .fetch_add((queued - rows.len()) as u64, Ordering::Relaxed);
-            let mut result = store.insert_events(&rows).await;
+            let mut result = store.insert_events(Arc::clone(&rows)).await;
             if result.is_err() {
                 // One retry covers a blip (a failover, a lock timeout) without losing the batch.
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                result = store.insert_events(&rows).await;
+                result = store.insert_events(Arc::clone(&rows)).await;
             }
             match result {
                 Ok(()) => {
@@ -429,6 +466,40 @@ mod tests {
             "1970-01-01T00:00:00.000Z",
             "out of range"
         );
+    }
+
+    #[test]
+    fn stored_times_read_the_milliseconds_of_every_shape() {
+        for ms in [
+            1_800_000_000_007,
+            1_800_000_000_999,
+            1_800_000_001_050,
+            1_800_000_000_000,
+            -1,
+            -1_000,
+            0,
+        ] {
+            let e = Event::new(EventKind::Request, ms);
+            assert_eq!(stored(&e).map(|s| s.ts_ms), Some(ms), "{}", e.ts);
+        }
+        // Back to a second read before, after another one was cached.
+        assert_eq!(
+            parse_ms("2027-01-15T08:00:00.007Z"),
+            Some(1_800_000_000_007)
+        );
+        // Other RFC 3339 shapes (a replayed or hand-written log) are parsed in full.
+        assert_eq!(
+            parse_ms("2027-01-15T09:00:00.007+01:00"),
+            Some(1_800_000_000_007)
+        );
+        assert_eq!(parse_ms("2027-01-15T08:00:00Z"), Some(1_800_000_000_000));
+        assert_eq!(
+            parse_ms("2027-01-15T08:00:00.0071Z"),
+            Some(1_800_000_000_007)
+        );
+        assert_eq!(parse_ms("2027-01-15T08:00:00.00aZ"), None);
+        assert_eq!(parse_ms("2027-13-15T08:00:00.007Z"), None, "month 13");
+        assert_eq!(parse_ms("not a time"), None);
     }
 
     #[test]

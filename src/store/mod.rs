@@ -34,6 +34,10 @@ pub fn session_reauthenticated(s: &SessionRecord) -> Change {
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the database's worker thread failed: {0}")]
+    Worker(#[from] tokio::task::JoinError),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("cannot encode a change: {0}")]
@@ -308,7 +312,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes the sessions' last observations and risk (write-behind, one transaction).
     async fn save_last_seen(&self, batch: &[LastSeen]) -> Result<(), StoreError>;
-    async fn insert_events(&self, events: &[StoredEvent]) -> Result<(), StoreError>;
+    /// Stores a batch of audit events, all or none (shared, so a retry needs no copy).
+    async fn insert_events(&self, events: Arc<[StoredEvent]>) -> Result<(), StoreError>;
     /// Events matching the filter, oldest first, as (time ms, id, JSON line).
     async fn events(&self, filter: &EventFilter) -> Result<Vec<(i64, i64, String)>, StoreError>;
     /// Deletes events older than `before_ms`; returns how many.

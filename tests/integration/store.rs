@@ -113,11 +113,11 @@ async fn events_are_filtered_paged_in_time_order_and_pruned(backend: Backend) {
     };
     // Written out of time order, as batches from several writers can be.
     store
-        .insert_events(&[ev(300, "alice", "allow"), ev(100, "bob", "deny")])
+        .insert_events(vec![ev(300, "alice", "allow"), ev(100, "bob", "deny")].into())
         .await
         .unwrap();
     store
-        .insert_events(&[ev(200, "alice", "step_up"), ev(100, "alice", "allow")])
+        .insert_events(vec![ev(200, "alice", "step_up"), ev(100, "alice", "allow")].into())
         .await
         .unwrap();
     let mut filter = tokenwarden::store::EventFilter {
@@ -285,7 +285,7 @@ async fn large_write_behind_and_event_batches_land_whole(backend: Backend) {
             event: format!("{{\"n\":{i}}}"),
         })
         .collect();
-    store.insert_events(&events).await.unwrap();
+    store.insert_events(events.into()).await.unwrap();
     let stored = store
         .events(&tokenwarden::store::EventFilter {
             after: (i64::MIN, 0),
