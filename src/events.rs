@@ -18,26 +18,26 @@ use crate::store::{SharedStore, StoredEvent};
 /// The stored form: indexed columns plus the JSON line. A NUL character (which
 /// PostgreSQL refuses in text, and which would fail the whole batch it travels
 /// in) is stored as U+FFFD.
-fn stored(e: &Event) -> Option<StoredEvent> {
-    let clean = |s: &Option<String>| {
-        s.as_deref().map(|s| {
+fn stored(e: Event) -> Option<StoredEvent> {
+    let clean = |s: Option<String>| {
+        s.map(|s| {
             if s.contains('\0') {
                 s.replace('\0', "\u{fffd}")
             } else {
-                s.to_owned()
+                s
             }
         })
     };
-    let mut event = serde_json::to_string(e).ok()?;
+    let mut event = serde_json::to_string(&e).ok()?;
     if event.contains("\\u0000") {
         event = event.replace("\\u0000", "\\ufffd");
     }
     Some(StoredEvent {
         ts_ms: parse_ms(&e.ts)?,
         kind: e.kind.as_str().to_owned(),
-        session_id: clean(&e.session_id),
-        subject: clean(&e.subject),
-        decision: clean(&e.decision),
+        session_id: clean(e.session_id),
+        subject: clean(e.subject),
+        decision: clean(e.decision),
         event,
     })
 }
@@ -433,7 +433,7 @@ impl EventSink {
                 }
             }
             let queued = batch.len();
-            let rows: Arc<[StoredEvent]> = batch.drain(..).filter_map(|e| stored(&e)).collect();
+            let rows: Arc<[StoredEvent]> = batch.drain(..).filter_map(stored).collect();
             // An event that cannot be encoded counts as lost, not silently.
             self.dropped_failed
                 .fetch_add((queued - rows.len()) as u64, Ordering::Relaxed);
@@ -505,7 +505,8 @@ mod tests {
             0,
         ] {
             let e = Event::new(EventKind::Request, ms);
-            assert_eq!(stored(&e).map(|s| s.ts_ms), Some(ms), "{}", e.ts);
+            let ts = e.ts.clone();
+            assert_eq!(stored(e).map(|s| s.ts_ms), Some(ms), "{ts}");
         }
         // Back to a second read before, after another one was cached.
         assert_eq!(
@@ -546,7 +547,7 @@ mod tests {
     #[test]
     fn a_nul_character_is_stored_as_a_replacement_character() {
         let e = Event::new(EventKind::Request, 0).session("s\0", "al\0ice");
-        let s = stored(&e).expect("storable");
+        let s = stored(e).expect("storable");
         assert_eq!(s.subject.as_deref(), Some("al\u{fffd}ice"));
         assert_eq!(s.session_id.as_deref(), Some("s\u{fffd}"));
         assert!(!s.event.contains("\\u0000") && s.event.contains("al\\ufffdice"));

@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
                 ("revoked", token.to_owned())
             }
             1 => {
-                let mut c = claims.clone();
+                let mut c = (*claims).clone();
                 c.iat = now - 3600;
                 c.exp = now - 1800;
                 c.jti = format!("expired-{i}");
@@ -123,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
             // Never-seen tokens of this session: same claims, a fresh jti each.
             let per = cold.div_ceil(sessions * 17 / 20).max(1).min(cold_left);
             for k in 0..per {
-                let mut c = claims.clone();
+                let mut c = (*claims).clone();
                 c.jti = format!("cold-{i}-{k}");
                 writeln!(
                     cold_out,

@@ -68,7 +68,7 @@ impl RateLimiters {
     }
 
     /// `Ok` if the request fits the quota, else the seconds until it would.
-    pub fn check(&self, rule_id: &str, rate: &Rate, key: &str, cost: u32) -> Result<(), u64> {
+    pub fn check(&self, rule_id: &str, rate: &Rate, key: String, cost: u32) -> Result<(), u64> {
         let Some(limiter) = self.limiter(rule_id, rate) else {
             return Ok(());
         };
@@ -76,7 +76,7 @@ impl RateLimiters {
             limiter.retain_recent();
         }
         let n = NonZeroU32::new(cost.max(1)).unwrap_or(NonZeroU32::MIN);
-        match limiter.check_key_n(&key.to_owned(), n) {
+        match limiter.check_key_n(&key, n) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(LimiterClock(self.clock.clone()).now());

@@ -95,8 +95,8 @@ pub struct TokenPair {
 #[derive(Debug, Clone)]
 pub enum Verdict {
     /// Signature, claims and revocation state are fine; the rules decided.
-    Assessed(Box<AccessClaims>, Box<Evaluation>),
-    Revoked(Box<AccessClaims>, RevokedBy),
+    Assessed(Arc<AccessClaims>, Box<Evaluation>),
+    Revoked(Arc<AccessClaims>, RevokedBy),
     Invalid(TokenError),
 }
 
@@ -512,7 +512,7 @@ impl SessionService {
     }
 
     /// Signature, claims and revocation state only; no database, no rules.
-    pub fn check_token(&self, token: &str) -> Result<AccessClaims, Verdict> {
+    pub fn check_token(&self, token: &str) -> Result<Arc<AccessClaims>, Verdict> {
         let claims = self
             .codec
             .verify(token, self.clock.now())
@@ -525,7 +525,7 @@ impl SessionService {
             epoch: claims.epoch,
         });
         match revoked {
-            Some(by) => Err(Verdict::Revoked(Box::new(claims), by)),
+            Some(by) => Err(Verdict::Revoked(claims, by)),
             None => Ok(claims),
         }
     }
@@ -740,10 +740,10 @@ impl SessionService {
         if claims.foreign
             && let Some(by) = self.sight_foreign(&claims, request).await?
         {
-            return Ok((Verdict::Revoked(Box::new(claims), by), None));
+            return Ok((Verdict::Revoked(claims, by), None));
         }
         if !self.ensure_loaded(&claims.sid, &claims.sub).await? {
-            return Ok((Verdict::Revoked(Box::new(claims), RevokedBy::Session), None));
+            return Ok((Verdict::Revoked(claims, RevokedBy::Session), None));
         }
         let ids = (
             claims.jti.as_str(),
@@ -758,7 +758,7 @@ impl SessionService {
             // The state was dropped in between (a change from the feed): load it again.
             None => {
                 if !self.ensure_loaded(&claims.sid, &claims.sub).await? {
-                    return Ok((Verdict::Revoked(Box::new(claims), RevokedBy::Session), None));
+                    return Ok((Verdict::Revoked(claims, RevokedBy::Session), None));
                 }
                 self.monitor
                     .assess(RequestKind::Request, ids, request, false)
@@ -767,7 +767,7 @@ impl SessionService {
         };
         self.enforce(&assessment, &claims.sid, &claims.sub).await?;
         Ok((
-            Verdict::Assessed(Box::new(claims), Box::new(assessment.evaluation)),
+            Verdict::Assessed(claims, Box::new(assessment.evaluation)),
             Some(assessment.client),
         ))
     }
@@ -800,7 +800,7 @@ impl SessionService {
                         .detail("rfc7009: access token"),
                 );
                 self.view.apply(Change::JtiRevoked {
-                    jti: claims.jti,
+                    jti: claims.jti.clone(),
                     until: claims.exp,
                 });
                 Ok(())

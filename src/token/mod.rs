@@ -232,7 +232,9 @@ impl TokenCodec {
 
     /// Checks size, header, signature (with the algorithm pinned to the `kid`), issuer,
     /// audience, required claims and times. Revocation is the caller's next step.
-    pub fn verify(&self, token: &str, now: UnixSeconds) -> Result<AccessClaims, TokenError> {
+    /// The claims come shared: a token seen before is answered from the cache
+    /// without copying them.
+    pub fn verify(&self, token: &str, now: UnixSeconds) -> Result<Arc<AccessClaims>, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLarge);
         }
@@ -244,7 +246,7 @@ impl TokenCodec {
             && (hit.at..hit.at.saturating_add(VERIFIED_CACHE_TTL_SECS)).contains(&now)
         {
             self.check_times(&hit.claims, now)?;
-            return Ok((*hit.claims).clone());
+            return Ok(Arc::clone(&hit.claims));
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| classify_bad_header(token))?;
         let ours = header
@@ -258,8 +260,7 @@ impl TokenCodec {
                 .verify(token, &header)
                 .unwrap_or(Err(TokenError::UnknownKey))?;
             self.check_times(&claims, now)?;
-            self.remember(digest, &claims, token.len(), (now, withdrawals));
-            return Ok(claims);
+            return Ok(self.remember(digest, claims, token.len(), (now, withdrawals)));
         }
         if !header.typ.as_deref().is_some_and(|t| {
             t.eq_ignore_ascii_case(ACCESS_TOKEN_TYP) || t.eq_ignore_ascii_case("application/at+jwt")
@@ -287,8 +288,7 @@ impl TokenCodec {
                 return Err(TokenError::MissingClaim(name.to_owned()));
             }
         }
-        self.remember(digest, &claims, token.len(), (now, withdrawals));
-        Ok(claims)
+        Ok(self.remember(digest, claims, token.len(), (now, withdrawals)))
     }
 
     /// Remembers a verified token, with when it was verified and the count of key
@@ -296,21 +296,23 @@ impl TokenCodec {
     fn remember(
         &self,
         digest: [u8; 32],
-        claims: &AccessClaims,
+        claims: AccessClaims,
         token_len: usize,
         (now, withdrawals): (UnixSeconds, u64),
-    ) {
+    ) -> Arc<AccessClaims> {
+        let claims = Arc::new(claims);
         // Weighed by the token's length, which bounds the claims' size.
         let weight = u32::try_from(token_len.saturating_mul(2) + 256).unwrap_or(u32::MAX);
         self.verified.insert(
             digest,
             Verified {
-                claims: Arc::new(claims.clone()),
+                claims: Arc::clone(&claims),
                 weight,
                 at: now,
                 withdrawals,
             },
         );
+        claims
     }
 }
 
@@ -441,12 +443,15 @@ mod tests {
         let planted = "not-a-token";
         codec.remember(
             crate::config::sha256(planted.as_bytes()),
-            &claims,
+            claims.clone(),
             planted.len(),
             (at, 0),
         );
-        assert_eq!(codec.verify(planted, at), Ok(claims.clone()));
-        assert_eq!(codec.verify(planted, at + 899), Ok(claims.clone()));
+        assert_eq!(codec.verify(planted, at), Ok(Arc::new(claims.clone())));
+        assert_eq!(
+            codec.verify(planted, at + 899),
+            Ok(Arc::new(claims.clone()))
+        );
         assert!(codec.verify(planted, at + 900).is_err(), "after 15 minutes");
         assert!(
             codec.verify(planted, at - 1).is_err(),

@@ -36,7 +36,7 @@ pub fn evaluate(
         return None;
     }
     let cost = if p.weighted { ctx.cost.max(1) } else { 1 };
-    let wait = limiters.check(rule_id, p, &key, cost).err()?;
+    let wait = limiters.check(rule_id, p, key, cost).err()?;
     let mut h = hit(
         ctx,
         format!(
