@@ -25,6 +25,8 @@ const VERIFIED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Longer than any access token lives here; tokens are re-verified after it (on
 /// the injected clock).
 const VERIFIED_CACHE_TTL_SECS: UnixSeconds = 15 * 60;
+/// Tokens remembered as refused for their signature (a digest and a count each).
+const REFUSED_CACHE_ITEMS: usize = 16_384;
 /// About how many tokens fit in [`VERIFIED_CACHE_BYTES`] (the cache sizes its
 /// table from it; the weight is the bound).
 const VERIFIED_CACHE_ITEMS: usize = 65_536;
@@ -148,6 +150,11 @@ pub struct TokenCodec {
     /// token: a token seen again skips the signature work. Times are still checked on
     /// every use (and revocation and rules run after this, as always).
     verified: quick_cache::sync::Cache<[u8; 32], Verified, ByWeight>,
+    /// Tokens whose signature did not verify, by SHA-256 of the whole token, with the
+    /// count of key withdrawals they were refused under: a client (or a gateway's
+    /// retries) presenting the same tampered token again is refused without the
+    /// signature work. Apart from `verified`, so refusals never evict verified tokens.
+    refused: quick_cache::sync::Cache<[u8; 32], u64>,
     /// One validation per `kid`, each allowing exactly that key's algorithm.
     validations: HashMap<String, Validation>,
     /// Other issuers whose tokens we verify.
@@ -190,6 +197,7 @@ impl TokenCodec {
                 VERIFIED_CACHE_BYTES,
                 ByWeight,
             ),
+            refused: quick_cache::sync::Cache::new(REFUSED_CACHE_ITEMS),
             validations,
             external: Arc::new(ExternalIssuers::default()),
             issuer: settings.issuer.clone(),
@@ -248,6 +256,15 @@ impl TokenCodec {
             self.check_times(&hit.claims, now)?;
             return Ok(Arc::clone(&hit.claims));
         }
+        if self.refused.get(&digest) == Some(withdrawals) {
+            return Err(TokenError::BadSignature);
+        }
+        let refused = |e: TokenError| {
+            if e == TokenError::BadSignature {
+                self.refused.insert(digest, withdrawals);
+            }
+            e
+        };
         let header = jsonwebtoken::decode_header(token).map_err(|_| classify_bad_header(token))?;
         let ours = header
             .kid
@@ -258,9 +275,13 @@ impl TokenCodec {
             let claims = self
                 .external
                 .verify(token, &header)
-                .unwrap_or(Err(TokenError::UnknownKey))?;
+                .unwrap_or(Err(TokenError::UnknownKey))
+                .map_err(refused)?;
+            // Remembered before its times are checked: an expired token presented
+            // again is refused without the signature work too.
+            let claims = self.remember(digest, claims, token.len(), (now, withdrawals));
             self.check_times(&claims, now)?;
-            return Ok(self.remember(digest, claims, token.len(), (now, withdrawals)));
+            return Ok(claims);
         }
         if !header.typ.as_deref().is_some_and(|t| {
             t.eq_ignore_ascii_case(ACCESS_TOKEN_TYP) || t.eq_ignore_ascii_case("application/at+jwt")
@@ -276,9 +297,8 @@ impl TokenCodec {
             return Err(TokenError::AlgorithmNotAllowed);
         }
         let data = jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, validation)
-            .map_err(|e| map_error(e.into_kind()))?;
+            .map_err(|e| refused(map_error(e.into_kind())))?;
         let claims = data.claims;
-        self.check_times(&claims, now)?;
         for (name, value) in [
             ("jti", &claims.jti),
             ("sid", &claims.sid),
@@ -288,7 +308,10 @@ impl TokenCodec {
                 return Err(TokenError::MissingClaim(name.to_owned()));
             }
         }
-        Ok(self.remember(digest, claims, token.len(), (now, withdrawals)))
+        // Remembered before its times are checked, as above.
+        let claims = self.remember(digest, claims, token.len(), (now, withdrawals));
+        self.check_times(&claims, now)?;
+        Ok(claims)
     }
 
     /// Remembers a verified token, with when it was verified and the count of key
@@ -409,8 +432,7 @@ pub fn binding_digest(canonical: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_verified_token_is_remembered_for_fifteen_minutes_of_the_injected_clock() {
+    fn codec() -> (tempfile::TempDir, TokenCodec) {
         let dir = tempfile::tempdir().unwrap();
         let (keys, _) = KeySet::load_or_create_dev(dir.path()).unwrap();
         let settings = crate::config::Settings::resolve(
@@ -419,8 +441,11 @@ mod tests {
         )
         .unwrap();
         let codec = TokenCodec::new(keys, &settings.tokens);
-        let at = 1_800_000_000;
-        let claims = AccessClaims {
+        (dir, codec)
+    }
+
+    fn claims(codec: &TokenCodec, at: UnixSeconds) -> AccessClaims {
+        AccessClaims {
             iss: codec.issuer().into(),
             aud: codec.audience().into(),
             sub: "alice".into(),
@@ -437,7 +462,14 @@ mod tests {
             amr: None,
             extra: Default::default(),
             foreign: false,
-        };
+        }
+    }
+
+    #[test]
+    fn a_verified_token_is_remembered_for_fifteen_minutes_of_the_injected_clock() {
+        let (_dir, codec) = codec();
+        let at = 1_800_000_000;
+        let claims = claims(&codec, at);
         // An entry planted for a string that would never verify shows when the
         // cache answers and when verification runs afresh.
         let planted = "not-a-token";
@@ -457,5 +489,38 @@ mod tests {
             codec.verify(planted, at - 1).is_err(),
             "a clock stepped back"
         );
+    }
+
+    #[test]
+    fn an_expired_or_tampered_token_presented_again_is_refused_from_memory() {
+        let (_dir, codec) = codec();
+        let at = 1_800_000_000;
+        let digest = |t: &str| crate::config::sha256(t.as_bytes());
+
+        let mut expired = claims(&codec, at - 3_600);
+        expired.exp = at - 60;
+        let token = codec.mint(&expired).unwrap();
+        assert_eq!(codec.verify(&token, at), Err(TokenError::Expired));
+        assert!(
+            codec.verified.get(&digest(&token)).is_some(),
+            "its signature verified: remembered, and refused for its time on every use"
+        );
+        assert_eq!(codec.verify(&token, at + 1), Err(TokenError::Expired));
+
+        let token = codec.mint(&claims(&codec, at)).unwrap();
+        let mut tampered = token.clone().into_bytes();
+        let i = tampered.len() - 10;
+        tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert_eq!(codec.verify(&tampered, at), Err(TokenError::BadSignature));
+        assert_eq!(codec.refused.get(&digest(&tampered)), Some(0));
+        assert_eq!(codec.verify(&tampered, at), Err(TokenError::BadSignature));
+
+        // A refusal planted for a good token shows when memory answers: under the
+        // same keys it does; after a key was withdrawn or replaced it does not.
+        codec.refused.insert(digest(&token), 0);
+        assert_eq!(codec.verify(&token, at), Err(TokenError::BadSignature));
+        codec.refused.insert(digest(&token), 1);
+        assert!(codec.verify(&token, at).is_ok(), "refused under other keys");
     }
 }
