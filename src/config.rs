@@ -592,6 +592,15 @@ impl Settings {
                 "must start with sqlite:// or postgres://",
             ));
         }
+        if database_url.starts_with("sqlite:")
+            && (database_url.contains(":memory:") || database_url.contains("mode=memory"))
+        {
+            return Err(invalid(
+                "database_url",
+                "an in-memory SQLite database forgets every revocation at restart: \
+                 give a file (sqlite://data/tokenwarden.db)",
+            ));
+        }
         let listen = parse_addr("TOKENWARDEN_LISTEN", var("TOKENWARDEN_LISTEN"))?
             .or(file.listen)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
@@ -1136,6 +1145,21 @@ mod tests {
             "jwks_file = \"j\"\nalgorithms = [\"none\"]\n",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn an_in_memory_sqlite_database_is_refused() {
+        for url in [
+            "sqlite::memory:",
+            "sqlite://file:tw?mode=memory&cache=shared",
+        ] {
+            let file: FileConfig = toml::from_str(&format!("database_url = \"{url}\"\n")).unwrap();
+            let err = Settings::resolve(file, &BTreeMap::new()).unwrap_err();
+            assert!(
+                err.to_string().contains("forgets every revocation"),
+                "{url}: {err}"
+            );
         }
     }
 

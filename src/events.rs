@@ -15,7 +15,7 @@ use crate::monitor::RequestInfo;
 use crate::risk::{Evaluation, Reason};
 use crate::store::{SharedStore, StoredEvent};
 
-/// The stored form: indexed columns plus the JSON line. A NUL character (which
+/// The stored form: the columns events are filtered by, plus the JSON line. A NUL character (which
 /// PostgreSQL refuses in text, and which would fail the whole batch it travels
 /// in) is stored as U+FFFD.
 fn stored(e: Event) -> Option<StoredEvent> {
@@ -292,7 +292,8 @@ impl Event {
     }
 }
 
-/// Most events stored in one statement.
+/// Most events stored in one batch (one transaction on SQLite, one statement on
+/// PostgreSQL).
 pub const BATCH: usize = 2000;
 /// Longest an event waits for its batch to fill before it is written.
 pub const LINGER: Duration = Duration::from_millis(100);
@@ -542,6 +543,51 @@ mod tests {
         assert!(!woken(&sink), "one wake-up per signal");
         sink.record(Event::new(EventKind::Request, 5));
         assert!(woken(&sink), "still more than half a batch queued");
+    }
+
+    /// On the paused clock: a full batch is stored at once, because `record` wakes
+    /// the sleeping writer; a batch short of full waits for its deadline.
+    #[tokio::test]
+    async fn a_full_batch_is_stored_at_once_and_a_partial_one_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("events.db").display());
+        let store = crate::store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        // Paused once connected: opening the pool waits on threads of its own.
+        tokio::time::pause();
+        let (sink, rx) = EventSink::new(8, None);
+        tokio::spawn(sink.clone().run_writer(rx, store));
+        let stored_after = |n: u64| {
+            let sink = sink.clone();
+            async move {
+                let start = tokio::time::Instant::now();
+                // Each pause lets the paused clock move on by a millisecond, unless the
+                // writer's database call is running (that holds the clock).
+                while sink.written() < n {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                start.elapsed()
+            }
+        };
+        // The writer takes the first event and goes to sleep on its batch's deadline;
+        // the batch fills while it sleeps.
+        sink.record(Event::new(EventKind::Request, 0));
+        while sink.tx.capacity() < sink.capacity {
+            tokio::task::yield_now().await;
+        }
+        for i in 1..8 {
+            sink.record(Event::new(EventKind::Request, i));
+        }
+        let waited = stored_after(8).await;
+        assert!(waited < LINGER / 4, "a full batch waited {waited:?}");
+        for i in 0..3 {
+            sink.record(Event::new(EventKind::Request, i));
+        }
+        let waited = stored_after(11).await;
+        assert!(
+            waited >= LINGER - Duration::from_millis(2),
+            "a partial batch is stored at its deadline, not before: {waited:?}"
+        );
     }
 
     #[test]

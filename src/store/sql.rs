@@ -753,9 +753,11 @@ impl EventLog {
     /// at the first batch.
     async fn open(path: std::path::PathBuf) -> Result<Self, StoreError> {
         let conn = tokio::task::spawn_blocking(move || -> Result<_, rusqlite::Error> {
+            // The flags sqlx opens with, file names as URIs included.
             let conn = rusqlite::Connection::open_with_flags(
                 path,
                 rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | rusqlite::OpenFlags::SQLITE_OPEN_URI
                     | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             conn.busy_timeout(Duration::from_secs(5))?;
@@ -774,11 +776,15 @@ impl EventLog {
     async fn insert(&self, events: Arc<[StoredEvent]>) -> Result<(), StoreError> {
         let conn = Arc::clone(&self.conn);
         tokio::task::spawn_blocking(move || -> Result<(), rusqlite::Error> {
-            // Poisoned only if a batch panicked; the connection itself is still sound
-            // (an unfinished transaction is rolled back when the next one begins).
+            // Poisoned only if a batch panicked; the connection itself is still sound.
             let mut conn = conn
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // A failed batch's transaction is rolled back when it is dropped; should that
+            // rollback itself have failed, end it here, or no batch could begin again.
+            if !conn.is_autocommit() {
+                conn.execute_batch("ROLLBACK")?;
+            }
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             {
                 let mut insert = tx.prepare_cached(SQLITE_INSERT_EVENT)?;

@@ -299,19 +299,24 @@ impl TokenCodec {
         let data = jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, validation)
             .map_err(|e| refused(map_error(e.into_kind())))?;
         let claims = data.claims;
-        for (name, value) in [
+        let missing = [
             ("jti", &claims.jti),
             ("sid", &claims.sid),
             ("sub", &claims.sub),
-        ] {
-            if value.is_empty() {
-                return Err(TokenError::MissingClaim(name.to_owned()));
+        ]
+        .into_iter()
+        .find_map(|(name, value)| value.is_empty().then_some(name));
+        if let Err(e) = self.check_times(&claims, now) {
+            // Remembered though refused for its times, as above.
+            if missing.is_none() {
+                self.remember(digest, claims, token.len(), (now, withdrawals));
             }
+            return Err(e);
         }
-        // Remembered before its times are checked, as above.
-        let claims = self.remember(digest, claims, token.len(), (now, withdrawals));
-        self.check_times(&claims, now)?;
-        Ok(claims)
+        if let Some(name) = missing {
+            return Err(TokenError::MissingClaim(name.to_owned()));
+        }
+        Ok(self.remember(digest, claims, token.len(), (now, withdrawals)))
     }
 
     /// Remembers a verified token, with when it was verified and the count of key
