@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """tokenwarden side by side with a bare axum server: one command, loopback only.
 
-    python3 bench/run.py            # the whole run (about 6 minutes)
+    python3 bench/run.py            # the whole run (about 8 minutes)
     python3 bench/run.py --quick    # shorter runs, fewer tokens (a smoke test)
 
 Servers are pinned to core 0, the load generator (wrk, Debian) to core 1. Every
