@@ -893,6 +893,10 @@ impl PostgresStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(8)
+            // Connections kept open even when idle: catching up with the change feed
+            // after a lost listener must not wait on opening one, which takes seconds
+            // on a loaded database server.
+            .min_connections(2)
             .acquire_timeout(Duration::from_secs(3))
             .connect(url)
             .await?;

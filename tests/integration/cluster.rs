@@ -104,8 +104,12 @@ async fn a_node_whose_listener_is_cut_catches_up_and_misses_no_revocation() {
     for o in &sessions {
         a.logout(&s(o, "session_id")).await;
     }
+    // B polls the feed every second. The bound is wider than that because this test
+    // runs beside the whole suite (browsers, gateways, other clusters) on two cores,
+    // where opening a PostgreSQL connection has been seen to take 3 s; what is asserted
+    // is that B catches up by itself, not how fast (bench/propagation measures that).
     for o in &sessions {
-        b.refused_within(&s(o, "access_token"), Duration::from_secs(5))
+        b.refused_within(&s(o, "access_token"), Duration::from_secs(15))
             .await;
     }
     // And it listens again.
