@@ -564,6 +564,7 @@ mod tests {
                 // Each pause lets the paused clock move on by a millisecond, unless the
                 // writer's database call is running (that holds the clock).
                 while sink.written() < n {
+                    assert!(start.elapsed() < LINGER * 10, "{n} events never stored");
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 start.elapsed()
@@ -572,9 +573,17 @@ mod tests {
         // The writer takes the first event and goes to sleep on its batch's deadline;
         // the batch fills while it sleeps.
         sink.record(Event::new(EventKind::Request, 0));
-        while sink.tx.capacity() < sink.capacity {
+        for _ in 0..1_000 {
+            if sink.tx.capacity() == sink.capacity {
+                break;
+            }
             tokio::task::yield_now().await;
         }
+        assert_eq!(
+            sink.tx.capacity(),
+            sink.capacity,
+            "the writer took the first event"
+        );
         for i in 1..8 {
             sink.record(Event::new(EventKind::Request, i));
         }

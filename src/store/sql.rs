@@ -742,7 +742,6 @@ pub struct SqliteStore {
 /// inside one transaction per batch. Through sqlx every statement is a round trip to
 /// the connection's thread, so a batch had to travel as one JSON array that SQLite
 /// then unpacked again, column by column (a third of the writer's time).
-#[derive(Clone)]
 struct EventLog {
     conn: Arc<Mutex<rusqlite::Connection>>,
 }
