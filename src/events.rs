@@ -65,60 +65,61 @@ impl EventKind {
     }
 }
 
-/// One line of the audit log and of the replay format.
+/// One line of the audit log and of the replay format. Fields without a value
+/// (and an empty `reasons`) are left out of the line; a reader takes them as absent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Event {
     /// RFC 3339, milliseconds.
     pub ts: String,
     pub kind: EventKind,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub referrer: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sec_fetch_site: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_risk: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<Reason>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules_hash: Option<String>,
     /// Enrichment at the time (replay recomputes it when absent).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub country: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub city: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asn: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latitude: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub longitude: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub radius_km: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ua_fingerprint: Option<String>,
     /// Why, for revocations (`logout`, `refresh_reuse`, `risk: …`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
 
@@ -475,6 +476,22 @@ mod tests {
         assert_eq!(e.path.as_deref(), Some("/reset"));
         assert_eq!(e.referrer.as_deref(), Some("https://app.example.com/a"));
         assert_eq!(e.ts, "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn absent_fields_are_left_out_and_read_back_as_absent() {
+        let e = Event::new(EventKind::Request, 1_800_000_000_000)
+            .session("s1", "alice")
+            .decision("allow");
+        let line = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            line,
+            r#"{"ts":"2027-01-15T08:00:00.000Z","kind":"request","session_id":"s1","subject":"alice","decision":"allow"}"#
+        );
+        assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), e);
+        // Lines written with `null`s (before fields were left out) still read the same.
+        let old = r#"{"ts":"2027-01-15T08:00:00.000Z","kind":"request","session_id":"s1","subject":"alice","ip":null,"decision":"allow","reasons":[],"detail":null}"#;
+        assert_eq!(serde_json::from_str::<Event>(old).unwrap(), e);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::risk::ReasonMode;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub endpoint: &'static str,
-    pub decision: String,
+    pub decision: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -218,12 +218,9 @@ impl Metrics {
         }
     }
 
-    pub fn answered(&self, endpoint: &'static str, decision: &str, seconds: f64) {
+    pub fn answered(&self, endpoint: &'static str, decision: &'static str, seconds: f64) {
         self.requests
-            .get_or_create(&RequestLabels {
-                endpoint,
-                decision: decision.to_owned(),
-            })
+            .get_or_create(&RequestLabels { endpoint, decision })
             .inc();
         self.latency
             .get_or_create(&EndpointLabels { endpoint })

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use arc_swap::ArcSwap;
-use dashmap::DashMap;
 use dashmap::mapref::one::RefMut;
 
+use crate::ConcurrentMap;
 use crate::clock::SharedClock;
 use crate::enrich::{ClientInfo, Enricher};
 use crate::risk::Observation;
@@ -69,12 +69,12 @@ pub struct Monitor {
     limiters: RateLimiters,
     /// Boxed: a map's slots are mostly empty at any size, so an empty slot costs a
     /// pointer, not a whole state.
-    sessions: DashMap<String, Box<SessionState>>,
-    users: DashMap<Arc<str>, Box<UserState>>,
+    sessions: ConcurrentMap<String, Box<SessionState>>,
+    users: ConcurrentMap<Arc<str>, Box<UserState>>,
     /// Sessions whose last sighting changed in a way that matters now (new address
     /// or browser, new risk): written at the next write-behind. Routine sightings
     /// only set the session's `unsaved` flag and wait for the heartbeat.
-    dirty: DashMap<String, ()>,
+    dirty: ConcurrentMap<String, ()>,
     /// When the write-behind last swept every session for routine sightings.
     swept_ms: AtomicI64,
     clock: SharedClock,
@@ -97,9 +97,9 @@ impl Monitor {
             last_error: ArcSwap::from_pointee(None),
             enricher,
             limiters: RateLimiters::new(clock.clone(), RATE_KEYS_MAX),
-            sessions: DashMap::new(),
-            users: DashMap::new(),
-            dirty: DashMap::new(),
+            sessions: ConcurrentMap::default(),
+            users: ConcurrentMap::default(),
+            dirty: ConcurrentMap::default(),
             swept_ms: AtomicI64::new(clock.now_millis()),
             clock,
         })

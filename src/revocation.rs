@@ -7,9 +7,9 @@
 //! Past `until` plus the allowed clock skew no such token verifies anyway, so
 //! the entry is dropped and memory stays bounded.
 
-use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
+use crate::ConcurrentMap;
 use crate::clock::UnixSeconds;
 
 /// One durable state change that verification depends on.
@@ -77,10 +77,10 @@ pub struct TokenIds<'a> {
 
 #[derive(Debug, Default)]
 pub struct RevocationView {
-    jtis: DashMap<String, UnixSeconds>,
-    sessions: DashMap<String, UnixSeconds>,
-    epochs: DashMap<String, (i64, UnixSeconds)>,
-    users: DashMap<String, (i64, UnixSeconds)>,
+    jtis: ConcurrentMap<String, UnixSeconds>,
+    sessions: ConcurrentMap<String, UnixSeconds>,
+    epochs: ConcurrentMap<String, (i64, UnixSeconds)>,
+    users: ConcurrentMap<String, (i64, UnixSeconds)>,
 }
 
 impl RevocationView {

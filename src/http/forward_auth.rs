@@ -16,7 +16,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use axum::Router;
-use axum::extract::{ConnectInfo, OriginalUri, State};
+use axum::extract::{ConnectInfo, OriginalUri, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -377,8 +377,10 @@ async fn forward_auth(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
+    // The request itself, not the `HeaderMap` extractor: that one copies every header.
+    incoming: Request,
 ) -> Response {
+    let headers = incoming.headers();
     let peer_ip = peer.ip().to_canonical();
     if !state.trusted_proxies.is_empty()
         && !state.trusted_proxies.iter().any(|n| n.contains(&peer_ip))
@@ -398,8 +400,8 @@ async fn forward_auth(
             Some(q) => format!("{rest}?{q}"),
             None => rest.to_owned(),
         });
-    let client = client_ip(peer_ip, &headers, &state.trusted_proxies);
-    let request = match forwarded_request(&headers, client, &method, envoy_path) {
+    let client = client_ip(peer_ip, headers, &state.trusted_proxies);
+    let request = match forwarded_request(headers, client, &method, envoy_path) {
         Ok(r) => r,
         Err(e) => return bad_request(e),
     };
@@ -409,7 +411,7 @@ async fn forward_auth(
         && headers
             .get("sec-fetch-mode")
             .is_some_and(|v| v.as_bytes() == b"navigate");
-    let token = match presented_token(&headers, fa.settings.cookie.as_deref()) {
+    let token = match presented_token(headers, fa.settings.cookie.as_deref()) {
         Ok(Presented::Token(t)) => t,
         Ok(Presented::Nothing) => {
             let d = Decision {
