@@ -34,8 +34,8 @@ pub mod store;
 /// Access tokens: keys, JWKS, minting and verification (the only user of jsonwebtoken).
 pub mod token;
 
-/// The concurrent map of the in-memory state every verification reads. ahash is keyed
-/// with random per-process keys (its keys come partly from clients: subjects, `jti`s,
-/// addresses), so it keeps SipHash's resistance to chosen collisions at a fraction of
-/// its cost.
+/// The concurrent map of the in-memory state every verification reads. ahash is seeded
+/// at random per process (its keys come partly from clients: subjects, `jti`s,
+/// addresses), which resists hash flooding, with weaker guarantees than SipHash and
+/// at a fraction of its cost.
 pub(crate) type ConcurrentMap<K, V> = dashmap::DashMap<K, V, ahash::RandomState>;

@@ -26,7 +26,8 @@ pub const DEFAULT_RULES: &str = include_str!("../rules/default.toml");
 /// written at the next write-behind (about a second).
 pub const LAST_SEEN_HEARTBEAT_MS: i64 = 60_000;
 
-/// Most keys one rate limiter holds before it prunes idle ones.
+/// Keys one rate limiter holds before it prunes idle ones (looked at every
+/// [`crate::risk::rate::CAP_CHECK_EVERY`] checks, so up to that many more).
 const RATE_KEYS_MAX: usize = 100_000;
 
 /// What the request looked like, beyond the token.

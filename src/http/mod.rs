@@ -335,6 +335,14 @@ impl Application {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             task.abort();
+            // Never silently: what the drain did not store is said, with its count.
+            let lost = sink.depth();
+            if lost > 0 {
+                tracing::warn!(
+                    events = lost,
+                    "stopping: audit events not confirmed stored after 3 s (queued or in a batch being written)"
+                );
+            }
         }
         if let Some(f) = follower {
             f.abort();
