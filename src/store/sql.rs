@@ -73,6 +73,20 @@ const PG_INSERT_EVENTS: &str = "INSERT INTO events (ts_ms, kind, session_id, sub
 const SQLITE_INSERT_EVENT: &str = "INSERT INTO events (ts_ms, kind, session_id, subject, decision, event) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
+/// Audit events per multi-row insert on SQLite. Measured with the audit log's rows
+/// (about 430 bytes each): 20 to 100 per statement cost about the same, and a quarter
+/// less than one per statement.
+const SQLITE_EVENTS_PER_STATEMENT: usize = 50;
+
+/// `SQLITE_INSERT_EVENT` for [`SQLITE_EVENTS_PER_STATEMENT`] rows.
+static SQLITE_INSERT_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let row = "(?, ?, ?, ?, ?, ?)";
+    format!(
+        "INSERT INTO events (ts_ms, kind, session_id, subject, decision, event) VALUES {}",
+        vec![row; SQLITE_EVENTS_PER_STATEMENT].join(", ")
+    )
+});
+
 /// Rows per bulk statement (a JSON array of this many objects).
 const BULK_ROWS: usize = 1000;
 
@@ -799,8 +813,31 @@ impl EventLog {
             }
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             {
+                // Whole groups in one statement each: a statement's own work (its
+                // start, the AUTOINCREMENT counter read and written back) is paid per
+                // group, not per event. The rest go one by one.
+                let mut chunks = events.chunks_exact(SQLITE_EVENTS_PER_STATEMENT);
+                if chunks.len() > 0 {
+                    let mut insert = tx.prepare_cached(&SQLITE_INSERT_EVENTS)?;
+                    let mut values: Vec<&dyn rusqlite::ToSql> =
+                        Vec::with_capacity(SQLITE_EVENTS_PER_STATEMENT * 6);
+                    for group in chunks.by_ref() {
+                        values.clear();
+                        for e in group {
+                            values.extend_from_slice(&[
+                                &e.ts_ms as &dyn rusqlite::ToSql,
+                                &e.kind,
+                                &e.session_id,
+                                &e.subject,
+                                &e.decision,
+                                &e.event,
+                            ]);
+                        }
+                        insert.execute(values.as_slice())?;
+                    }
+                }
                 let mut insert = tx.prepare_cached(SQLITE_INSERT_EVENT)?;
-                for e in events.iter() {
+                for e in chunks.remainder() {
                     insert.execute(rusqlite::params![
                         e.ts_ms,
                         e.kind,
