@@ -16,7 +16,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use axum::Router;
-use axum::extract::{ConnectInfo, OriginalUri, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -64,8 +64,20 @@ impl ForwardAuth {
 /// re-authentication or sign-in page, with the request's path as `next`.
 const REDIRECT_HEADER: &str = "x-auth-redirect";
 
+// The gateway headers read on every request, named once: a lookup by `&str` parses
+// and checks the name each time.
+const X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
+const X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
+const X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
+const X_FORWARDED_METHOD: HeaderName = HeaderName::from_static("x-forwarded-method");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+const SEC_FETCH_MODE: HeaderName = HeaderName::from_static("sec-fetch-mode");
+
 /// The one value of a header, if present. Doubled, unreadable or oversized is an error.
-fn single<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError> {
+fn single<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Result<Option<&'h str>, ApiError> {
     let mut values = headers.get_all(name).iter();
     let Some(first) = values.next() else {
         return Ok(None);
@@ -89,8 +101,8 @@ fn single<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Api
 /// The value of `names` (one gateway convention each), each checked. Gateways pass
 /// the client's own headers on and set only their own convention's, so two that
 /// disagree mean the client wrote one of them: refused, never picked from.
-fn one_of<'h>(headers: &'h HeaderMap, names: &[&str]) -> Result<Option<&'h str>, ApiError> {
-    let mut found: Option<(&str, &'h str)> = None;
+fn one_of<'h>(headers: &'h HeaderMap, names: &[HeaderName]) -> Result<Option<&'h str>, ApiError> {
+    let mut found: Option<(&HeaderName, &'h str)> = None;
     for name in names {
         if let Some(v) = single(headers, name)? {
             match found {
@@ -197,7 +209,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     // address they did not add. Anything unreadable ends the walk: what lies left
     // of it was written by the client and is not evidence.
     let mut last_trusted = peer;
-    for value in headers.get_all("x-forwarded-for").iter().rev() {
+    for value in headers.get_all(X_FORWARDED_FOR).iter().rev() {
         let Ok(value) = value.to_str() else {
             return last_trusted;
         };
@@ -225,7 +237,7 @@ fn forwarded_request(
 ) -> Result<RequestInfo, ApiError> {
     let owned = |v: Option<&str>| v.filter(|v| !v.is_empty()).map(str::to_owned);
     let path = match (
-        one_of(headers, &["x-original-uri", "x-forwarded-uri"])?,
+        one_of(headers, &[X_ORIGINAL_URI, X_FORWARDED_URI])?,
         envoy_path,
     ) {
         (Some(h), Some(e)) if h != e => {
@@ -237,29 +249,29 @@ fn forwarded_request(
         (Some(h), _) => Some(h.to_owned()),
         (None, e) => e,
     };
-    let method = match one_of(headers, &["x-original-method", "x-forwarded-method"])? {
+    let method = match one_of(headers, &[X_ORIGINAL_METHOD, X_FORWARDED_METHOD])? {
         Some(m) => Some(m.to_owned()),
         // Envoy (and a gateway calling us with the original method) says it this way.
         None if *method != Method::GET || path.is_some() => Some(method.as_str().to_owned()),
         None => None,
     };
     // Checked for shape even though no rule reads them yet.
-    one_of(headers, &["x-forwarded-proto"])?;
-    one_of(headers, &["x-forwarded-host"])?;
+    one_of(headers, &[X_FORWARDED_PROTO])?;
+    one_of(headers, &[X_FORWARDED_HOST])?;
     Ok(RequestInfo {
         ip: Some(client),
         // The token holder controls this header: missing is compared as an empty
         // user agent, never replaced by the bound one.
         user_agent: Some(
-            single(headers, "user-agent")?
+            single(headers, &header::USER_AGENT)?
                 .unwrap_or_default()
                 .to_owned(),
         ),
         method,
         path,
-        referrer: owned(single(headers, "referer")?),
-        origin: owned(single(headers, "origin")?),
-        sec_fetch_site: owned(single(headers, "sec-fetch-site")?),
+        referrer: owned(single(headers, &header::REFERER)?),
+        origin: owned(single(headers, &header::ORIGIN)?),
+        sec_fetch_site: owned(single(headers, &SEC_FETCH_SITE)?),
         cost: None,
     })
 }
@@ -375,12 +387,12 @@ fn bad_request(e: ApiError) -> Response {
 async fn forward_auth(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
     // The request itself, not the `HeaderMap` extractor: that one copies every header.
+    // Its URI is the one the gateway sent (this router is never nested).
     incoming: Request,
 ) -> Response {
     let headers = incoming.headers();
+    let uri = incoming.uri();
     let peer_ip = peer.ip().to_canonical();
     if !state.trusted_proxies.is_empty()
         && !state.trusted_proxies.iter().any(|n| n.contains(&peer_ip))
@@ -401,7 +413,7 @@ async fn forward_auth(
             None => rest.to_owned(),
         });
     let client = client_ip(peer_ip, headers, &state.trusted_proxies);
-    let request = match forwarded_request(headers, client, &method, envoy_path) {
+    let request = match forwarded_request(headers, client, incoming.method(), envoy_path) {
         Ok(r) => r,
         Err(e) => return bad_request(e),
     };
@@ -409,7 +421,7 @@ async fn forward_auth(
     let redirect = fa.settings.redirect_navigations
         && request.method.as_deref().is_none_or(|m| m == "GET")
         && headers
-            .get("sec-fetch-mode")
+            .get(SEC_FETCH_MODE)
             .is_some_and(|v| v.as_bytes() == b"navigate");
     let token = match presented_token(headers, fa.settings.cookie.as_deref()) {
         Ok(Presented::Token(t)) => t,

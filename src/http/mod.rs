@@ -38,9 +38,22 @@ use crate::session::SessionService;
 use crate::store;
 use crate::token::{KeySet, TokenCodec, random_bytes, write_private};
 
-/// What every handler can reach: built services, not raw settings.
+/// What every handler can reach: built services, not raw settings. One `Arc`, so
+/// that the clone axum makes for every request is one reference count, not one per
+/// service.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The services behind [`AppState`].
+pub struct Services {
     pub sessions: Arc<SessionService>,
     pub metrics: Arc<Metrics>,
     /// `/metrics` answers without the admin token.
@@ -190,7 +203,7 @@ impl Application {
         metrics.preset(&sessions.monitor().rules());
         let (event_sink, event_rx) = EventSink::new(settings.events.queue, Some(metrics.clone()));
         sessions.set_event_sink(event_sink);
-        let state = AppState {
+        let state = AppState(Arc::new(Services {
             metrics,
             metrics_open: settings.metrics_open,
             feed,
@@ -202,7 +215,7 @@ impl Application {
             sessions: Arc::new(sessions),
             apps: Arc::new(apps),
             admin_token: settings.admin_token.clone().map(Arc::new),
-        };
+        }));
         let public = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
