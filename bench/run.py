@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """tokenwarden side by side with a bare axum server: one command, loopback only.
 
-    python3 bench/run.py            # the whole run (about 8 minutes)
+    python3 bench/run.py            # the whole run (about 10 minutes)
     python3 bench/run.py --quick    # shorter runs, fewer tokens (a smoke test)
 
 Servers are pinned to core 0, the load generator (wrk, Debian) to core 1. Every
 figure is printed as a ratio to the reference measured in the same run: the
-machines are noisy, absolute numbers drift, ratios hold. The reference runs first
-and last; a drift over 15 % is flagged. Nothing here is a pass/fail test.
+machines are noisy, absolute numbers drift, ratios hold. Each tokenwarden figure is
+divided by the reference's figure in the same mode measured just before it (the
+machine's speed moves within minutes); the reference also runs first and last, a
+drift over 15 % between them is flagged, and the spread of all its saturation runs
+is printed. Nothing here is a pass/fail test.
 """
 
 import argparse
@@ -294,26 +297,35 @@ def main():
         ref = {}
         log("reference (first)")
         ref["fa_first"] = wrk(ref_url, warm, "forward-auth", seconds, pids=[reference.pid])
-        ref["verify"] = wrk(ref_url, warm, "verify", seconds, pids=[reference.pid])
-        ref["cpu2000"] = wrk(ref_url, warm, "forward-auth", seconds, connections=16, rate=2000, pids=[reference.pid])
-        ref["lat10000"] = wrk(ref_url, warm, "forward-auth", seconds, connections=64, rate=10000, pids=[reference.pid])
+        # Every reference saturation run, for the spread printed at the end.
+        ref_saturation = [ref["fa_first"]["rps"]]
+
+        def paired(tw_url, tokens, mode, pid, **kw):
+            """The reference, then tokenwarden, in the same mode, one after the other."""
+            kw_ref = {k: v for k, v in kw.items() if k != "app_key"}
+            before = wrk(ref_url, warm, mode, seconds, pids=[reference.pid], **kw_ref)
+            if not kw.get("rate"):
+                ref_saturation.append(before["rps"])
+            measured = wrk(tw_url, tokens, mode, seconds, pids=pid, **kw)
+            measured["reference"] = before
+            return measured
 
         results = {}
         for alg in ("HS512", "ES256", "EdDSA"):
             tw = first if alg == "HS512" else Tokenwarden(work, alg)
             w, c = (warm, cold) if alg == "HS512" else tw.tokens(sessions, 0)
             pid = [tw.proc.pid]
-            log(f"tokenwarden {alg}")
+            log(f"tokenwarden {alg}, each mode after the reference in the same mode")
             # Two passes over the file first, so every token has been seen (warm).
             wrk(tw.base, w, "forward-auth", max(2, seconds // 2), pids=pid)
             r = {
-                "fa": wrk(tw.base, w, "forward-auth", seconds, pids=pid),
-                "verify": wrk(tw.base, w, "verify", seconds, app_key=tw.app_key, pids=pid),
-                "cpu2000": wrk(tw.base, w, "forward-auth", seconds, connections=16, rate=2000, pids=pid),
-                "lat10000": wrk(tw.base, w, "forward-auth", seconds, connections=64, rate=10000, pids=pid),
+                "fa": paired(tw.base, w, "forward-auth", pid),
+                "verify": paired(tw.base, w, "verify", pid, app_key=tw.app_key),
+                "cpu2000": paired(tw.base, w, "forward-auth", pid, connections=16, rate=2000),
+                "lat10000": paired(tw.base, w, "forward-auth", pid, connections=64, rate=10000),
             }
             if alg == "HS512" and not args.quick:
-                r["cold"] = wrk(tw.base, c, "forward-auth", seconds, pids=pid)
+                r["cold"] = paired(tw.base, c, "forward-auth", pid)
                 r["cold_tokens"] = sum(1 for _ in open(c))
             r["dropped"] = tw.metric("tokenwarden_events_dropped_total")
             r["decisions"] = tw.metric("tokenwarden_requests_total")
@@ -336,19 +348,23 @@ def main():
         first.proc.stop()
         log("reference (last)")
         ref["fa_last"] = wrk(ref_url, warm, "forward-auth", seconds, pids=[reference.pid])
+        ref_saturation.append(ref["fa_last"]["rps"])
         reference.stop()
 
-    # The report.
+    # The report: each figure against the reference run just before it.
     ref_fa = ref["fa_first"]["rps"]
     for alg, r in results.items():
-        row(f"{alg} forward-auth, warm tokens: saturation", r["fa"]["rps"], ref_fa, 0.8, unit="req/s")
-        row(f"{alg} /v1/verify, warm tokens: saturation", r["verify"]["rps"], ref["verify"]["rps"], 0.8, unit="req/s")
+        row(f"{alg} forward-auth, warm tokens: saturation", r["fa"]["rps"], r["fa"]["reference"]["rps"], 0.8,
+            unit="req/s")
+        row(f"{alg} /v1/verify, warm tokens: saturation", r["verify"]["rps"], r["verify"]["reference"]["rps"], 0.8,
+            unit="req/s")
         if "cold" in r:
-            row(f"{alg} forward-auth, never-seen tokens: saturation", r["cold"]["rps"], ref_fa, 0.5, unit="req/s")
+            row(f"{alg} forward-auth, never-seen tokens: saturation", r["cold"]["rps"],
+                r["cold"]["reference"]["rps"], 0.5, unit="req/s")
         row(f"{alg} CPU per request at 2000 req/s", r["cpu2000"]["cpu_per_request_us"],
-            ref["cpu2000"]["cpu_per_request_us"], 1.3, lower_is_better=True, unit="µs")
+            r["cpu2000"]["reference"]["cpu_per_request_us"], 1.3, lower_is_better=True, unit="µs")
         for p in ("p50", "p90", "p99"):
-            row(f"{alg} {p} at 10000 req/s", r["lat10000"][p], ref["lat10000"][p],
+            row(f"{alg} {p} at 10000 req/s", r["lat10000"][p], r["lat10000"]["reference"][p],
                 1.3 if p == "p50" else None, lower_is_better=True, unit="ms")
         if "nginx_tw" in r:
             row("nginx → tokenwarden forward-auth vs nginx → bare axum authorizer: saturation",
@@ -373,9 +389,14 @@ def main():
               f"decisions {r['decisions'] or 0:,.0f}, audit events dropped {r['dropped'] or 0:,.0f}"
               + (f"; never-seen run used {r['cold']['requests']:,} of {r['cold_tokens']:,} tokens"
                  if "cold" in r else ""))
+    paced = [r["cpu2000"]["reference"]["rps"] for r in results.values()]
     print(f"- reference: {ref['fa_first']['rps']:,.0f} req/s first, {ref['fa_last']['rps']:,.0f} last; "
           f"server CPU {ref['fa_first']['server_cpu_share']:.0%} of a core at saturation; "
-          f"at 2000 req/s {ref['cpu2000']['rps']:,.0f} req/s achieved")
+          f"at 2000 req/s {min(paced):,.0f}–{max(paced):,.0f} req/s achieved")
+    low, high = min(ref_saturation), max(ref_saturation)
+    print(f"- reference saturation over the run's {len(ref_saturation)} runs of it (both endpoints): "
+          f"{low:,.0f}–{high:,.0f} req/s, a spread of {(high - low) / low:.0%}; each ratio above is "
+          "against the reference run just before it")
     for alg, r in results.items():
         if "cold" in r and r["cold"]["requests"] > r["cold_tokens"]:
             print(f"\n**WARNING: the never-seen {alg} run needed {r['cold']['requests']:,} tokens and had "
