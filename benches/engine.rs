@@ -1,8 +1,9 @@
 //! Micro-benchmarks of the verification path: token decode per algorithm (never
 //! seen and cached), enrichment alone, one risk evaluation (default rules), one
 //! full decision through `SessionService::verify` (decode, revocation view,
-//! enrichment, rules, on a real SQLite store that it never touches), and replay per
-//! event. Run with `cargo bench --bench engine`; compare the figures side by side.
+//! enrichment, rules, on a real SQLite store that it never touches), replay per
+//! event, and batches of audit events stored on SQLite. Run with `cargo bench
+//! --bench engine`; compare the figures side by side.
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -269,5 +270,54 @@ fn replay_events(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(engine, benches, decision, replay_events);
+/// Storing the audit log on SQLite: batches of 2,000 events of the shape forward-auth
+/// writes (about 430 bytes of JSON each), through the store as the event writer
+/// calls it, into a file that grows as in service (its WAL checkpoints included).
+fn audit_batches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("events.db").display());
+    let store = rt.block_on(async {
+        let store = tokenwarden::store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        store
+    });
+    let mut ts = 1_800_000_000_000i64;
+    let mut group = c.benchmark_group("audit");
+    group.throughput(criterion::Throughput::Elements(2_000));
+    group.bench_function("store_2000_events_sqlite", |b| {
+        b.iter_batched(
+            || {
+                (0..2_000)
+                    .map(|i| {
+                        ts += 1;
+                        let sid = format!("ses_{:022}", i * 7 % 10_000);
+                        tokenwarden::store::StoredEvent {
+                            ts_ms: ts,
+                            kind: "request".into(),
+                            session_id: Some(sid.clone()),
+                            subject: Some(format!("user-{}", i % 5_000)),
+                            decision: Some("allow".into()),
+                            event: format!(
+                                r#"{{"ts":"2027-01-15T08:00:00.000Z","kind":"request","session_id":"{sid}","subject":"user-{}","ip":"10.{}.{}.7","user_agent":"{UA}","method":"GET","path":"/account","decision":"allow","score":0,"session_risk":0.0,"rules_hash":"0123456789abcdef","country":"SE","city":"Linköping","asn":1221,"latitude":58.4167,"longitude":15.6167,"radius_km":20.0,"ua_fingerprint":"Firefox/133/Linux/desktop"}}"#,
+                                i % 5_000,
+                                i % 250,
+                                i / 250
+                            ),
+                        }
+                    })
+                    .collect::<Arc<[_]>>()
+            },
+            |batch| rt.block_on(store.insert_events(batch)).unwrap(),
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(engine, benches, decision, replay_events, audit_batches);
 criterion_main!(engine);
