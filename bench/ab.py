@@ -50,17 +50,17 @@ def main():
                         app_key=tw.app_key, pids=[tw.proc.pid])
                 runs[k].append(r)
                 print(f"round {n + 1} {k}  {r['rps']:>9,.0f} req/s  {r['cpu_per_request_us']:6.1f} µs/req  "
-                      f"p50 {r['p50']:.3f} ms", flush=True)
+                      f"p50 {r['p50']:.3f} ms  p90 {r['p90']:.3f} ms  p99 {r['p99']:.3f} ms", flush=True)
         for tw in servers.values():
             tw.proc.stop()
-    mean = {k: {m: statistics.mean(r[m] for r in v) for m in ("rps", "cpu_per_request_us", "p50")}
-            for k, v in runs.items()}
+    measures = ("rps", "cpu_per_request_us", "p50", "p90", "p99")
+    mean = {k: {m: statistics.mean(r[m] for r in v) for m in measures} for k, v in runs.items()}
     for k in ("A", "B"):
         print(f"{k} mean      {mean[k]['rps']:>9,.0f} req/s  {mean[k]['cpu_per_request_us']:6.1f} µs/req  "
-              f"p50 {mean[k]['p50']:.3f} ms")
-    print(f"B/A         rate {mean['B']['rps'] / mean['A']['rps']:.3f}×  "
-          f"CPU per request {mean['B']['cpu_per_request_us'] / mean['A']['cpu_per_request_us']:.3f}×  "
-          f"p50 {mean['B']['p50'] / mean['A']['p50']:.3f}×")
+              f"p50 {mean[k]['p50']:.3f} ms  p90 {mean[k]['p90']:.3f} ms  p99 {mean[k]['p99']:.3f} ms")
+    ratio = {m: mean["B"][m] / mean["A"][m] for m in measures}
+    print(f"B/A         rate {ratio['rps']:.3f}×  CPU per request {ratio['cpu_per_request_us']:.3f}×  "
+          f"p50 {ratio['p50']:.3f}×  p90 {ratio['p90']:.3f}×  p99 {ratio['p99']:.3f}×")
 
 
 if __name__ == "__main__":
