@@ -69,23 +69,36 @@ const PG_INSERT_EVENTS: &str = "INSERT INTO events (ts_ms, kind, session_id, sub
      SELECT (e->>'t')::BIGINT, e->>'k', e->>'s', e->>'u', e->>'d', e->>'e' \
      FROM json_array_elements($1::json) WITH ORDINALITY AS x(e, n) ORDER BY n";
 
-/// Audit events on SQLite, bound one by one to this statement inside one transaction.
-const SQLITE_INSERT_EVENT: &str = "INSERT INTO events (ts_ms, kind, session_id, subject, decision, event) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-
-/// Audit events per multi-row insert on SQLite. Measured with the audit log's rows
+/// Audit events per multi-row insert on SQLite (one transaction per batch; what does
+/// not fill a group goes one row at a time). Measured with the audit log's rows
 /// (about 430 bytes each): 20 to 100 per statement cost about the same, and a quarter
 /// less than one per statement.
 const SQLITE_EVENTS_PER_STATEMENT: usize = 50;
 
-/// `SQLITE_INSERT_EVENT` for [`SQLITE_EVENTS_PER_STATEMENT`] rows.
-static SQLITE_INSERT_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let row = "(?, ?, ?, ?, ?, ?)";
+/// The insert of `rows` audit events, bound with [`sqlite_event_row`] per row.
+fn sqlite_insert_events(rows: usize) -> String {
     format!(
         "INSERT INTO events (ts_ms, kind, session_id, subject, decision, event) VALUES {}",
-        vec![row; SQLITE_EVENTS_PER_STATEMENT].join(", ")
+        vec!["(?, ?, ?, ?, ?, ?)"; rows].join(", ")
     )
-});
+}
+
+static SQLITE_INSERT_EVENT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| sqlite_insert_events(1));
+static SQLITE_INSERT_EVENT_GROUP: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| sqlite_insert_events(SQLITE_EVENTS_PER_STATEMENT));
+
+/// One audit event's values, in the order of [`sqlite_insert_events`]' columns.
+fn sqlite_event_row(e: &StoredEvent) -> [&dyn rusqlite::ToSql; 6] {
+    [
+        &e.ts_ms,
+        &e.kind,
+        &e.session_id,
+        &e.subject,
+        &e.decision,
+        &e.event,
+    ]
+}
 
 /// Rows per bulk statement (a JSON array of this many objects).
 const BULK_ROWS: usize = 1000;
@@ -818,34 +831,20 @@ impl EventLog {
                 // group, not per event. The rest go one by one.
                 let mut chunks = events.chunks_exact(SQLITE_EVENTS_PER_STATEMENT);
                 if chunks.len() > 0 {
-                    let mut insert = tx.prepare_cached(&SQLITE_INSERT_EVENTS)?;
+                    let mut insert = tx.prepare_cached(&SQLITE_INSERT_EVENT_GROUP)?;
                     let mut values: Vec<&dyn rusqlite::ToSql> =
                         Vec::with_capacity(SQLITE_EVENTS_PER_STATEMENT * 6);
                     for group in chunks.by_ref() {
                         values.clear();
                         for e in group {
-                            values.extend_from_slice(&[
-                                &e.ts_ms as &dyn rusqlite::ToSql,
-                                &e.kind,
-                                &e.session_id,
-                                &e.subject,
-                                &e.decision,
-                                &e.event,
-                            ]);
+                            values.extend_from_slice(&sqlite_event_row(e));
                         }
                         insert.execute(values.as_slice())?;
                     }
                 }
-                let mut insert = tx.prepare_cached(SQLITE_INSERT_EVENT)?;
+                let mut insert = tx.prepare_cached(&SQLITE_INSERT_EVENT)?;
                 for e in chunks.remainder() {
-                    insert.execute(rusqlite::params![
-                        e.ts_ms,
-                        e.kind,
-                        e.session_id,
-                        e.subject,
-                        e.decision,
-                        e.event
-                    ])?;
+                    insert.execute(&sqlite_event_row(e)[..])?;
                 }
             }
             tx.commit()
