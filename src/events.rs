@@ -3,6 +3,7 @@
 //! Recording never waits: events go into a bounded queue and a writer task stores
 //! them in batches; when the queue is full the event is dropped and counted.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,6 +15,9 @@ use crate::enrich::ClientInfo;
 use crate::monitor::RequestInfo;
 use crate::risk::{Evaluation, Reason};
 use crate::store::{SharedStore, StoredEvent};
+
+/// Bytes reserved for one event's JSON line.
+const LINE_CAPACITY: usize = 1024;
 
 /// The stored form: the columns events are filtered by, plus the JSON line. A NUL character (which
 /// PostgreSQL refuses in text, and which would fail the whole batch it travels
@@ -28,7 +32,11 @@ fn stored(e: Event) -> Option<StoredEvent> {
             }
         })
     };
-    let mut event = serde_json::to_string(&e).ok()?;
+    // Sized for a typical line (a browser's request with its enrichment is 500–700
+    // bytes), so that it is not copied again as it grows.
+    let mut line = Vec::with_capacity(LINE_CAPACITY);
+    serde_json::to_writer(&mut line, &e).ok()?;
+    let mut event = String::from_utf8(line).ok()?;
     if event.contains("\\u0000") {
         event = event.replace("\\u0000", "\\ufffd");
     }
@@ -37,7 +45,7 @@ fn stored(e: Event) -> Option<StoredEvent> {
         kind: e.kind.as_str().to_owned(),
         session_id: clean(e.session_id),
         subject: clean(e.subject),
-        decision: clean(e.decision),
+        decision: clean(e.decision.map(Cow::into_owned)),
         event,
     })
 }
@@ -93,8 +101,9 @@ pub struct Event {
     pub sec_fetch_site: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<u32>,
+    /// One of a few fixed words when recorded here; any text when read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub decision: Option<String>,
+    pub decision: Option<Cow<'static, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -102,12 +111,12 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<Reason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rules_hash: Option<String>,
+    pub rules_hash: Option<Arc<str>>,
     /// Enrichment at the time (replay recomputes it when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub country: Option<String>,
+    pub country: Option<Arc<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub city: Option<String>,
+    pub city: Option<Arc<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asn: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -117,7 +126,7 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub radius_km: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ua_fingerprint: Option<String>,
+    pub ua_fingerprint: Option<Arc<str>>,
     /// Why, for revocations (`logout`, `refresh_reuse`, `risk: …`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -261,29 +270,29 @@ impl Event {
 
     pub fn client(mut self, c: &ClientInfo) -> Self {
         self.ip.get_or_insert_with(|| c.ip.to_string());
-        self.country = c.country.as_deref().map(str::to_owned);
+        self.country.clone_from(&c.country);
         self.asn = c.asn;
         if let Some(l) = &c.location {
-            self.city = l.city.as_deref().map(str::to_owned);
+            self.city.clone_from(&l.city);
             self.latitude = Some(l.latitude);
             self.longitude = Some(l.longitude);
             self.radius_km = Some(l.radius_km);
         }
-        self.ua_fingerprint = Some(c.ua.key());
+        self.ua_fingerprint = Some(Arc::clone(c.ua.shared_key()));
         self
     }
 
     pub fn evaluation(mut self, e: &Evaluation) -> Self {
-        self.decision = Some(e.decision.as_str().to_owned());
+        self.decision = Some(Cow::Borrowed(e.decision.as_str()));
         self.score = Some(e.score);
         self.session_risk = Some(e.session_risk);
         self.reasons = e.reasons.clone();
-        self.rules_hash = Some(e.rules_hash.clone());
+        self.rules_hash = Some(Arc::clone(&e.rules_hash));
         self
     }
 
-    pub fn decision(mut self, decision: &str) -> Self {
-        self.decision = Some(decision.to_owned());
+    pub fn decision(mut self, decision: &'static str) -> Self {
+        self.decision = Some(Cow::Borrowed(decision));
         self
     }
 

@@ -122,7 +122,7 @@ impl Monitor {
         match RuleSet::load(path) {
             Ok(rules) => {
                 let changed = rules.hash != self.rules.load().hash;
-                let hash = rules.hash.clone();
+                let hash = rules.hash.to_string();
                 if changed {
                     self.rules.store(Arc::new(rules));
                 }
@@ -140,7 +140,7 @@ impl Monitor {
         let rules = self.rules.load();
         RulesStatus {
             source: rules.source.clone(),
-            hash: rules.hash.clone(),
+            hash: rules.hash.to_string(),
             rules: rules.rules.len(),
             last_error: (**self.last_error.load()).clone(),
         }

@@ -128,12 +128,7 @@ fn recorded_fingerprint(e: &Event) -> Option<crate::enrich::UaFingerprint> {
     let os = parts.next()?.to_owned();
     let device =
         serde_json::from_value(serde_json::Value::String(parts.next()?.to_owned())).ok()?;
-    Some(crate::enrich::UaFingerprint {
-        family,
-        major,
-        os,
-        device,
-    })
+    Some(crate::enrich::UaFingerprint::new(family, major, os, device))
 }
 
 pub fn parse_ts(ts: &str) -> Result<i64, String> {
@@ -234,7 +229,7 @@ pub fn feed(
 }
 
 fn recorded_decision(e: &Event) -> Option<Decision> {
-    serde_json::from_value(serde_json::Value::String(e.decision.clone()?)).ok()
+    serde_json::from_value(serde_json::Value::String(e.decision.as_deref()?.to_owned())).ok()
 }
 
 /// How events are turned into clients, and what a bad line does.
@@ -262,7 +257,7 @@ pub fn replay(
             || "recorded decisions".to_owned(),
             |b| format!("{} ({})", b.source, b.hash),
         ),
-        candidate_rules_hash: candidate.hash.clone(),
+        candidate_rules_hash: candidate.hash.to_string(),
         ..Report::default()
     };
     let mut cand = Simulator::new(candidate);
@@ -377,7 +372,7 @@ pub fn replay(
         }
         if let Some(out) = emit.as_deref_mut() {
             let mut replayed = event.clone();
-            replayed.decision = Some(c.as_str().to_owned());
+            replayed.decision = Some(std::borrow::Cow::Borrowed(c.as_str()));
             replayed.reasons = candidate_reasons.clone();
             if let Scored::Evaluated(e) = &cand_scored {
                 replayed.score = Some(e.score);

@@ -94,7 +94,7 @@ pub struct Decision {
     /// What the decision would be if the shadow rules were enforced.
     pub shadow_decision: Option<&'static str>,
     /// The rule set that decided.
-    pub rules_hash: Option<String>,
+    pub rules_hash: Option<std::sync::Arc<str>>,
 }
 
 const SIGN_IN_AGAIN: &str = "Your session has ended. Please sign in again.";

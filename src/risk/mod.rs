@@ -176,7 +176,7 @@ pub struct Evaluation {
     pub retry_after: Option<u64>,
     /// What the decision would be if shadow rules were enforced.
     pub shadow_decision: Decision,
-    pub rules_hash: String,
+    pub rules_hash: Arc<str>,
 }
 
 /// A detector's finding.
@@ -373,6 +373,6 @@ pub fn evaluate(
             None
         },
         shadow_decision,
-        rules_hash: rules.hash.clone(),
+        rules_hash: Arc::clone(&rules.hash),
     }
 }

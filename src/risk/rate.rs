@@ -4,6 +4,7 @@
 //! once every [`CAP_CHECK_EVERY`] checks (counting keys takes every shard's lock),
 //! so a limiter may pass it by that many keys.
 
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -31,9 +32,29 @@ impl GovernorClock for LimiterClock {
 
 type Params = (u32, Duration, u32);
 
+/// What a quota counts by: an address (an IPv6 client by its /64) is kept as
+/// one, not formatted as text for every request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LimitKey {
+    Ip(IpAddr),
+    Id(Box<str>),
+}
+
+impl From<&str> for LimitKey {
+    fn from(id: &str) -> Self {
+        Self::Id(id.into())
+    }
+}
+
+impl From<String> for LimitKey {
+    fn from(id: String) -> Self {
+        Self::Id(id.into_boxed_str())
+    }
+}
+
 type Keyed = RateLimiter<
-    String,
-    DashMapStateStore<String, ahash::RandomState>,
+    LimitKey,
+    DashMapStateStore<LimitKey, ahash::RandomState>,
     LimiterClock,
     NoOpMiddleware<Duration>,
 >;
@@ -90,7 +111,7 @@ impl RateLimiters {
     }
 
     /// `Ok` if the request fits the quota, else the seconds until it would.
-    pub fn check(&self, rule_id: &str, rate: &Rate, key: String, cost: u32) -> Result<(), u64> {
+    pub fn check(&self, rule_id: &str, rate: &Rate, key: LimitKey, cost: u32) -> Result<(), u64> {
         let Some(limiter) = self.limiter(rule_id, rate) else {
             return Ok(());
         };
@@ -149,7 +170,10 @@ mod tests {
         let clock = Arc::new(ManualClock::at(1_800_000_000));
         let limiters = RateLimiters::new(clock.clone(), 100);
         for i in 0..1000 {
-            assert_eq!(limiters.check("r", &rate(), format!("k{i}"), 1), Ok(()));
+            assert_eq!(
+                limiters.check("r", &rate(), format!("k{i}").into(), 1),
+                Ok(())
+            );
             // Every key so far has refilled by the next one.
             clock.advance(Duration::from_secs(2));
         }
@@ -170,7 +194,7 @@ mod tests {
         assert!(limiters.check("r", &rate(), "hot".into(), 1).is_err());
         // Far past the cap, at the same instant: nothing has refilled, nothing goes.
         for i in 0..500 {
-            let _ = limiters.check("r", &rate(), format!("k{i}"), 1);
+            let _ = limiters.check("r", &rate(), format!("k{i}").into(), 1);
         }
         assert!(limiters.keys() > 500);
         assert!(limiters.check("r", &rate(), "hot".into(), 1).is_err());

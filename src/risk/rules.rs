@@ -13,6 +13,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -325,7 +326,7 @@ pub struct RuleSet {
     /// Where it came from (for messages).
     pub source: String,
     /// First 16 hex digits of the file's SHA-256: which rules decided an event.
-    pub hash: String,
+    pub hash: Arc<str>,
     pub risk_half_life_secs: f64,
     pub thresholds: Thresholds,
     pub rules: Vec<Rule>,
@@ -444,7 +445,7 @@ impl RuleSet {
         }
         Ok(Self {
             source: source.to_owned(),
-            hash: to_hex(&sha256(text.as_bytes()))[..16].to_owned(),
+            hash: Arc::from(&to_hex(&sha256(text.as_bytes()))[..16]),
             risk_half_life_secs: half_life.as_secs_f64(),
             thresholds,
             rules,

@@ -597,25 +597,29 @@ fn empty_and_oversized_user_agents() {
 
 #[test]
 fn fingerprint_serializes_snake_case() {
-    let fp = UaFingerprint {
-        family: "Firefox".into(),
-        major: Some("133".into()),
-        os: "Linux".into(),
-        device: DeviceClass::Desktop,
-    };
+    let fp = UaFingerprint::new(
+        "Firefox".into(),
+        Some("133".into()),
+        "Linux".into(),
+        DeviceClass::Desktop,
+    );
+    // The key built on first use is not part of the stored form.
+    assert_eq!(fp.key(), "Firefox/133/Linux/desktop");
     let json = serde_json::to_value(&fp).expect("serialize");
     assert_eq!(json["device"], "desktop");
+    assert_eq!(json.as_object().map(|o| o.len()), Some(4), "{json}");
     let back: UaFingerprint = serde_json::from_value(json).expect("deserialize");
     assert_eq!(back, fp);
+    assert_eq!(back.key(), fp.key());
 }
 
 #[test]
 fn a_slash_in_a_name_cannot_forge_a_fingerprint_key() {
-    let fp = UaFingerprint {
-        family: "Evil/133".into(),
-        major: None,
-        os: "Linux/desktop".into(),
-        device: DeviceClass::Bot,
-    };
+    let fp = UaFingerprint::new(
+        "Evil/133".into(),
+        None,
+        "Linux/desktop".into(),
+        DeviceClass::Bot,
+    );
     assert_eq!(fp.key(), "Evil_133/-/Linux_desktop/bot");
 }

@@ -73,12 +73,12 @@ pub(crate) mod fixtures {
             }),
             asn: Some(asn),
             asn_org: None,
-            ua: std::sync::Arc::new(UaFingerprint {
-                family: "Firefox".into(),
-                major: Some("133".into()),
-                os: "Linux".into(),
-                device: DeviceClass::Desktop,
-            }),
+            ua: std::sync::Arc::new(UaFingerprint::new(
+                "Firefox".into(),
+                Some("133".into()),
+                "Linux".into(),
+                DeviceClass::Desktop,
+            )),
         })
     }
 

@@ -2,26 +2,31 @@
 //! optionally scoped by the rule's paths and methods, weighted by the request's
 //! cost. Fires with the seconds until the request would fit.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use super::hit;
+use crate::risk::rate::LimitKey;
 use crate::risk::rules::{Rate, RateKey};
 use crate::risk::{Hit, RateLimiters, RequestContext};
 
-fn key(p: &Rate, ctx: &RequestContext<'_>) -> String {
-    match p.key {
-        RateKey::Jti => ctx.jti.to_owned(),
-        RateKey::Sid => ctx.sid.to_owned(),
-        RateKey::Sub => ctx.sub.to_owned(),
+/// `None` for a key the request has none of (a refresh has no jti: a jti quota
+/// does not apply, it would be one shared bucket).
+fn key(p: &Rate, ctx: &RequestContext<'_>) -> Option<LimitKey> {
+    let id = match p.key {
+        RateKey::Jti => ctx.jti,
+        RateKey::Sid => ctx.sid,
+        RateKey::Sub => ctx.sub,
         // One IPv6 host usually owns a whole /64.
-        RateKey::Ip => match ctx.client.ip {
-            IpAddr::V6(v6) => {
-                let s = v6.segments();
-                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-            v4 => v4.to_string(),
-        },
-    }
+        RateKey::Ip => {
+            return Some(LimitKey::Ip(match ctx.client.ip {
+                IpAddr::V6(v6) => {
+                    IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX)))
+                }
+                v4 => v4,
+            }));
+        }
+    };
+    (!id.is_empty()).then(|| LimitKey::from(id))
 }
 
 pub fn evaluate(
@@ -30,11 +35,7 @@ pub fn evaluate(
     limiters: &RateLimiters,
     ctx: &RequestContext<'_>,
 ) -> Option<Hit> {
-    let key = key(p, ctx);
-    // A refresh has no jti: a jti quota does not apply (it would be one shared bucket).
-    if key.is_empty() {
-        return None;
-    }
+    let key = key(p, ctx)?;
     let cost = if p.weighted { ctx.cost.max(1) } else { 1 };
     let wait = limiters.check(rule_id, p, key, cost).err()?;
     let mut h = hit(
@@ -85,5 +86,61 @@ mod tests {
         heavy.cost = 50;
         assert!(evaluate("r", &p, &limiters, &heavy).is_some());
         assert_eq!(limiters.keys(), 1);
+    }
+
+    #[test]
+    fn an_ipv6_quota_counts_a_whole_64_and_an_ipv4_quota_one_address() {
+        let clock = Arc::new(ManualClock::at(1_800_000_000));
+        let limiters = RateLimiters::new(clock.clone(), 1000);
+        let p = Rate {
+            key: RateKey::Ip,
+            limit: 2,
+            per: Duration::from_secs(60),
+            burst: 2,
+            weighted: false,
+        };
+        let at = crate::clock::Clock::now_millis(&*clock);
+        let from = |ip: &str| {
+            let mut c = (*oslo()).clone();
+            c.ip = ip.parse().unwrap();
+            Arc::new(c)
+        };
+        let (a, b) = (from("2001:db8:1:2::1"), from("2001:db8:1:2:ffff::9"));
+        assert!(evaluate("r", &p, &limiters, &ctx(&a, at)).is_none());
+        assert!(evaluate("r", &p, &limiters, &ctx(&b, at)).is_none());
+        // A third request from the same /64, whichever host sends it, is over.
+        assert!(evaluate("r", &p, &limiters, &ctx(&a, at)).is_some());
+        // The next /64 has its own quota.
+        let next = from("2001:db8:1:3::1");
+        assert!(evaluate("r", &p, &limiters, &ctx(&next, at)).is_none());
+        // IPv4 addresses count one by one, even in one /24.
+        let (v4a, v4b) = (from("198.51.100.7"), from("198.51.100.8"));
+        for _ in 0..2 {
+            assert!(evaluate("r", &p, &limiters, &ctx(&v4a, at)).is_none());
+        }
+        assert!(evaluate("r", &p, &limiters, &ctx(&v4a, at)).is_some());
+        assert!(evaluate("r", &p, &limiters, &ctx(&v4b, at)).is_none());
+        assert_eq!(limiters.keys(), 4);
+    }
+
+    #[test]
+    fn a_jti_quota_does_not_apply_to_a_request_without_a_jti() {
+        let clock = Arc::new(ManualClock::at(1_800_000_000));
+        let limiters = RateLimiters::new(clock.clone(), 1000);
+        let p = Rate {
+            key: RateKey::Jti,
+            limit: 1,
+            per: Duration::from_secs(60),
+            burst: 1,
+            weighted: false,
+        };
+        let c = oslo();
+        let at = crate::clock::Clock::now_millis(&*clock);
+        let mut refresh = ctx(&c, at);
+        refresh.jti = "";
+        for _ in 0..3 {
+            assert!(evaluate("r", &p, &limiters, &refresh).is_none());
+        }
+        assert_eq!(limiters.keys(), 0);
     }
 }
