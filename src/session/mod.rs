@@ -737,8 +737,11 @@ impl SessionService {
         if let Some(why) = self.stale() {
             return Err(SessionError::Unavailable(why));
         }
+        // Boxed: its future is most of this one's size, and only another issuer's
+        // tokens need it. Every request's future is moved into the heap by the
+        // router, a copy of its whole size.
         if claims.foreign
-            && let Some(by) = self.sight_foreign(&claims, request).await?
+            && let Some(by) = Box::pin(self.sight_foreign(&claims, request)).await?
         {
             return Ok((Verdict::Revoked(claims, by), None));
         }
