@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
-use crate::enrich::ClientInfo;
+use crate::enrich::{ClientInfo, UaFingerprint};
 use crate::monitor::RequestInfo;
 use crate::risk::{Evaluation, Reason};
 use crate::store::{SharedStore, StoredEvent};
@@ -126,10 +126,49 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub radius_km: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ua_fingerprint: Option<Arc<str>>,
+    pub ua_fingerprint: Option<UaKey>,
     /// Why, for revocations (`logout`, `refresh_reuse`, `risk: …`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+/// An event's user-agent fingerprint (`Firefox/133/Linux/desktop`). Recorded here
+/// it is the client's shared fingerprint, whose key is written straight into the
+/// JSON line, so no event builds a string for it; read from a line it is that text.
+#[derive(Debug, Clone)]
+pub enum UaKey {
+    Shared(Arc<UaFingerprint>),
+    Text(String),
+}
+
+impl UaKey {
+    pub fn text(&self) -> Cow<'_, str> {
+        match self {
+            Self::Shared(f) => Cow::Owned(f.key()),
+            Self::Text(t) => Cow::Borrowed(t),
+        }
+    }
+}
+
+impl PartialEq for UaKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.text() == other.text()
+    }
+}
+
+impl Serialize for UaKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Shared(f) => s.collect_str(f),
+            Self::Text(t) => s.serialize_str(t),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UaKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::Text)
+    }
 }
 
 fn without_query(url: &str) -> String {
@@ -278,7 +317,7 @@ impl Event {
             self.longitude = Some(l.longitude);
             self.radius_km = Some(l.radius_km);
         }
-        self.ua_fingerprint = Some(Arc::clone(c.ua.shared_key()));
+        self.ua_fingerprint = Some(UaKey::Shared(Arc::clone(&c.ua)));
         self
     }
 
@@ -501,6 +540,32 @@ mod tests {
         // Lines written with `null`s (before fields were left out) still read the same.
         let old = r#"{"ts":"2027-01-15T08:00:00.000Z","kind":"request","session_id":"s1","subject":"alice","ip":null,"decision":"allow","reasons":[],"detail":null}"#;
         assert_eq!(serde_json::from_str::<Event>(old).unwrap(), e);
+    }
+
+    #[test]
+    fn a_shared_fingerprint_is_written_as_its_key_and_read_back_as_text() {
+        use crate::enrich::DeviceClass;
+        let fp = Arc::new(UaFingerprint::new(
+            "Evil \"Bot\"/2".into(),
+            None,
+            "Linux\\x".into(),
+            DeviceClass::Bot,
+        ));
+        let mut e = Event::new(EventKind::Request, 1_800_000_000_000);
+        e.ua_fingerprint = Some(UaKey::Shared(Arc::clone(&fp)));
+        let line = serde_json::to_string(&e).unwrap();
+        // Escaped as any string would be, and a `/` in a name cannot forge a key.
+        assert!(
+            line.contains(r#""ua_fingerprint":"Evil \"Bot\"_2/-/Linux\\x/bot""#),
+            "{line}"
+        );
+        let back: Event = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            back.ua_fingerprint,
+            Some(UaKey::Text(r#"Evil "Bot"_2/-/Linux\x/bot"#.into()))
+        );
+        assert_eq!(back, e);
+        assert_eq!(stored(e).unwrap().event, line);
     }
 
     #[test]

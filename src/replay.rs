@@ -96,8 +96,8 @@ pub fn client_of(e: &Event, ua: &UaParser, geo: Option<&Enricher>) -> Option<Arc
     }
     let location = match (e.latitude, e.longitude) {
         (Some(latitude), Some(longitude)) => Some(Location {
-            country: e.country.as_deref().map(Arc::from),
-            city: e.city.as_deref().map(Arc::from),
+            country: e.country.clone(),
+            city: e.city.clone(),
             latitude,
             longitude,
             radius_km: e.radius_km.unwrap_or(0.0),
@@ -107,7 +107,7 @@ pub fn client_of(e: &Event, ua: &UaParser, geo: Option<&Enricher>) -> Option<Arc
     Some(Arc::new(ClientInfo {
         ip,
         prefix: network_prefix(ip, 24, 48),
-        country: e.country.as_deref().map(Arc::from),
+        country: e.country.clone(),
         location,
         asn: e.asn,
         asn_org: None,
@@ -121,7 +121,7 @@ fn recorded_fingerprint(e: &Event) -> Option<crate::enrich::UaFingerprint> {
     if e.user_agent.is_some() {
         return None;
     }
-    let key = e.ua_fingerprint.as_deref()?;
+    let key = e.ua_fingerprint.as_ref()?.text();
     let mut parts = key.split('/');
     let family = parts.next()?.to_owned();
     let major = parts.next().filter(|m| *m != "-").map(str::to_owned);

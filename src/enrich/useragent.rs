@@ -6,7 +6,7 @@
 //! routine browser and OS updates during a session do not look like a new client.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use quick_cache::sync::Cache;
 use serde::{Deserialize, Serialize};
@@ -54,7 +54,7 @@ impl fmt::Display for DeviceClass {
 }
 
 /// What stays the same for one client across routine updates.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct UaFingerprint {
     /// Browser or client family, e.g. `Firefox`, `Chrome Mobile`, `Python Requests`.
     pub family: String,
@@ -63,58 +63,42 @@ pub struct UaFingerprint {
     /// OS family without version, e.g. `Linux`, `Windows`, `iOS`.
     pub os: String,
     pub device: DeviceClass,
-    /// [`UaFingerprint::key`], built on first use: one fingerprint is shared by
-    /// every client that sent the same `User-Agent`, and its key goes into every
-    /// audit event.
-    #[serde(skip)]
-    key: OnceLock<Arc<str>>,
 }
 
-impl PartialEq for UaFingerprint {
-    fn eq(&self, other: &Self) -> bool {
-        (&self.family, &self.major, &self.os, self.device)
-            == (&other.family, &other.major, &other.os, other.device)
-    }
-}
-
-impl Eq for UaFingerprint {}
-
-impl std::hash::Hash for UaFingerprint {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        (&self.family, &self.major, &self.os, self.device).hash(state);
+/// The key form (see [`UaFingerprint::key`]), written without building a string:
+/// audit events write it straight into their JSON line.
+impl fmt::Display for UaFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
+        let major = self.major.as_deref().unwrap_or("-");
+        for part in [self.family.as_str(), major, self.os.as_str()] {
+            // A `/` inside a name would forge a different key.
+            for (i, piece) in part.split('/').enumerate() {
+                if i > 0 {
+                    f.write_char('_')?;
+                }
+                f.write_str(piece)?;
+            }
+            f.write_char('/')?;
+        }
+        f.write_str(self.device.as_str())
     }
 }
 
 impl UaFingerprint {
+    /// A fingerprint from its four parts (a recorded key read back, a test's client).
     pub fn new(family: String, major: Option<String>, os: String, device: DeviceClass) -> Self {
         Self {
             family,
             major,
             os,
             device,
-            key: OnceLock::new(),
         }
     }
 
     /// A compact stable form, e.g. `Firefox/133/Linux/desktop` (`-` for no version).
-    pub fn key(&self) -> &str {
-        self.shared_key()
-    }
-
-    /// [`UaFingerprint::key`], to keep without copying it.
-    pub fn shared_key(&self) -> &Arc<str> {
-        self.key.get_or_init(|| {
-            let major = self.major.as_deref().unwrap_or("-");
-            let mut key = String::with_capacity(
-                self.family.len() + major.len() + self.os.len() + self.device.as_str().len() + 3,
-            );
-            for part in [self.family.as_str(), major, self.os.as_str()] {
-                key.extend(part.chars().map(|c| if c == '/' { '_' } else { c }));
-                key.push('/');
-            }
-            key.push_str(self.device.as_str());
-            Arc::from(key)
-        })
+    pub fn key(&self) -> String {
+        self.to_string()
     }
 
     /// The fingerprint of a request that sent no user agent.

@@ -158,7 +158,7 @@ fn session_view(s: &SessionRecord, now_ms: i64, half_life_secs: f64) -> serde_js
         "ip": s.ip,
         "last_seen_ip": seen.map(|c| c.ip.to_string()),
         "location": location,
-        "device": binding.as_ref().map_or_else(|| s.user_agent.clone(), |b| b.ua.key().to_string()),
+        "device": binding.as_ref().map_or_else(|| s.user_agent.clone(), |b| b.ua.key()),
         "user_agent": s.user_agent,
         "risk": decayed_risk(s.risk, s.risk_at, now_ms, half_life_secs),
         "state": s.state,

@@ -17,7 +17,7 @@ fn fingerprint(p: &ConcurrentUse, c: &ClientInfo) -> String {
             .asn
             .map_or_else(|| c.prefix.to_string(), |a| format!("AS{a}")),
         NetworkBy::Country => c.country.as_deref().unwrap_or("??").to_owned(),
-        NetworkBy::UserAgent => return c.ua.key().to_string(),
+        NetworkBy::UserAgent => return c.ua.key(),
     };
     if p.include_user_agent {
         format!("{net}|{}", c.ua.key())
