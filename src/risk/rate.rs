@@ -46,12 +46,6 @@ impl From<&str> for LimitKey {
     }
 }
 
-impl From<String> for LimitKey {
-    fn from(id: String) -> Self {
-        Self::Id(id.into_boxed_str())
-    }
-}
-
 type Keyed = RateLimiter<
     LimitKey,
     DashMapStateStore<LimitKey, ahash::RandomState>,
@@ -171,7 +165,7 @@ mod tests {
         let limiters = RateLimiters::new(clock.clone(), 100);
         for i in 0..1000 {
             assert_eq!(
-                limiters.check("r", &rate(), format!("k{i}").into(), 1),
+                limiters.check("r", &rate(), format!("k{i}").as_str().into(), 1),
                 Ok(())
             );
             // Every key so far has refilled by the next one.
@@ -194,7 +188,7 @@ mod tests {
         assert!(limiters.check("r", &rate(), "hot".into(), 1).is_err());
         // Far past the cap, at the same instant: nothing has refilled, nothing goes.
         for i in 0..500 {
-            let _ = limiters.check("r", &rate(), format!("k{i}").into(), 1);
+            let _ = limiters.check("r", &rate(), format!("k{i}").as_str().into(), 1);
         }
         assert!(limiters.keys() > 500);
         assert!(limiters.check("r", &rate(), "hot".into(), 1).is_err());

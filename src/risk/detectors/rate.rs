@@ -61,19 +61,29 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::risk::detectors::fixtures::*;
 
-    #[test]
-    fn a_burst_over_the_quota_fires_until_the_quota_refills() {
+    /// A quota whose burst is its limit, and limiters on a manual clock.
+    fn quota(key: RateKey, limit: u32, per_secs: u64, weighted: bool) -> Rate {
+        Rate {
+            key,
+            limit,
+            per: Duration::from_secs(per_secs),
+            burst: limit,
+            weighted,
+        }
+    }
+
+    fn limiters() -> (Arc<ManualClock>, RateLimiters, i64) {
         let clock = Arc::new(ManualClock::at(1_800_000_000));
         let limiters = RateLimiters::new(clock.clone(), 1000);
-        let p = Rate {
-            key: RateKey::Sid,
-            limit: 5,
-            per: Duration::from_secs(10),
-            burst: 5,
-            weighted: true,
-        };
-        let c = oslo();
         let at = crate::clock::Clock::now_millis(&*clock);
+        (clock, limiters, at)
+    }
+
+    #[test]
+    fn a_burst_over_the_quota_fires_until_the_quota_refills() {
+        let (clock, limiters, at) = limiters();
+        let p = quota(RateKey::Sid, 5, 10, true);
+        let c = oslo();
         for _ in 0..5 {
             assert!(evaluate("r", &p, &limiters, &ctx(&c, at)).is_none());
         }
@@ -90,16 +100,8 @@ mod tests {
 
     #[test]
     fn an_ipv6_quota_counts_a_whole_64_and_an_ipv4_quota_one_address() {
-        let clock = Arc::new(ManualClock::at(1_800_000_000));
-        let limiters = RateLimiters::new(clock.clone(), 1000);
-        let p = Rate {
-            key: RateKey::Ip,
-            limit: 2,
-            per: Duration::from_secs(60),
-            burst: 2,
-            weighted: false,
-        };
-        let at = crate::clock::Clock::now_millis(&*clock);
+        let (_clock, limiters, at) = limiters();
+        let p = quota(RateKey::Ip, 2, 60, false);
         let from = |ip: &str| {
             let mut c = (*oslo()).clone();
             c.ip = ip.parse().unwrap();
@@ -125,17 +127,9 @@ mod tests {
 
     #[test]
     fn a_jti_quota_does_not_apply_to_a_request_without_a_jti() {
-        let clock = Arc::new(ManualClock::at(1_800_000_000));
-        let limiters = RateLimiters::new(clock.clone(), 1000);
-        let p = Rate {
-            key: RateKey::Jti,
-            limit: 1,
-            per: Duration::from_secs(60),
-            burst: 1,
-            weighted: false,
-        };
+        let (_clock, limiters, at) = limiters();
+        let p = quota(RateKey::Jti, 1, 60, false);
         let c = oslo();
-        let at = crate::clock::Clock::now_millis(&*clock);
         let mut refresh = ctx(&c, at);
         refresh.jti = "";
         for _ in 0..3 {
