@@ -8,6 +8,7 @@ kind of load. Prints every turn and the ratio B/A of the means.
     cargo build --release --bin tokenwarden                 # after it
     python3 bench/ab.py /tmp/tokenwarden-before             # HS512 forward-auth, saturation
     python3 bench/ab.py /tmp/tokenwarden-before HS512 forward-auth 2000 --rounds 4
+    python3 bench/ab.py /tmp/tokenwarden-before --never-seen --rounds 6   # each token once
 
 Both servers run on the server core with their own SQLite file, keys and 10,000
 sessions; only the one under load is busy.
@@ -23,6 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import RELEASE, Tokenwarden, wrk  # noqa: E402
 
 
+# Never-seen tokens each turn gets to itself: more than 6 s at 30,000 req/s.
+NEVER_SEEN_PER_TURN = 200_000
+
+
+def turn_files(cold, rounds):
+    """Splits the never-seen tokens into one file a turn, so no turn repeats a token."""
+    lines = cold.read_text().splitlines(keepends=True)
+    files = []
+    for n in range(rounds):
+        part = cold.with_name(f"{cold.name}.{n}")
+        part.write_text("".join(lines[n * NEVER_SEEN_PER_TURN:(n + 1) * NEVER_SEEN_PER_TURN]))
+        files.append(part)
+    return files
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("before", type=Path, help="the tokenwarden binary to compare against (A)")
@@ -31,6 +47,8 @@ def main():
     ap.add_argument("rate", nargs="?", type=int, default=0, help="requests per second (0: saturation)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sessions", type=int, default=10000)
+    ap.add_argument("--never-seen", action="store_true",
+                    help=f"every request a token not seen before ({NEVER_SEEN_PER_TURN:,} a turn)")
     args = ap.parse_args()
     if not args.before.is_file():
         sys.exit(f"no binary at {args.before}")
@@ -40,15 +58,22 @@ def main():
             "A": Tokenwarden(work, args.alg, binary=args.before, name="-a"),
             "B": Tokenwarden(work, args.alg, binary=RELEASE / "tokenwarden", name="-b"),
         }
-        tokens = {k: tw.tokens(args.sessions, 0)[0] for k, tw in servers.items()}
+        cold = NEVER_SEEN_PER_TURN * args.rounds if args.never_seen else 0
+        files = {k: tw.tokens(args.sessions, cold) for k, tw in servers.items()}
+        tokens = {k: warm for k, (warm, _) in files.items()}
+        turns = {k: turn_files(f, args.rounds) if args.never_seen else [tokens[k]] * args.rounds
+                 for k, (_, f) in files.items()}
         for k, tw in servers.items():
             wrk(tw.base, tokens[k], args.mode, 3, app_key=tw.app_key, pids=[tw.proc.pid])  # warm
         runs = {"A": [], "B": []}
         for n in range(args.rounds):
             for k, tw in servers.items():
-                r = wrk(tw.base, tokens[k], args.mode, 6, connections=connections, rate=args.rate,
+                r = wrk(tw.base, turns[k][n], args.mode, 6, connections=connections, rate=args.rate,
                         app_key=tw.app_key, pids=[tw.proc.pid])
                 runs[k].append(r)
+                if args.never_seen and r["requests"] > NEVER_SEEN_PER_TURN:
+                    print(f"WARNING: turn {n + 1} {k} sent {r['requests']:,} requests, more than its "
+                          f"{NEVER_SEEN_PER_TURN:,} never-seen tokens", flush=True)
                 print(f"round {n + 1} {k}  {r['rps']:>9,.0f} req/s  {r['cpu_per_request_us']:6.1f} µs/req  "
                       f"p50 {r['p50']:.3f} ms  p90 {r['p90']:.3f} ms  p99 {r['p99']:.3f} ms", flush=True)
         for tw in servers.values():

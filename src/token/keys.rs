@@ -5,13 +5,15 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use aws_lc_rs::hmac;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair,
+    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, ED25519, EcdsaKeyPair,
+    Ed25519KeyPair, KeyPair, ParsedPublicKey, VerificationAlgorithm,
 };
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::json;
 
 use crate::config::{KeyAlgorithm, KeyEntry, sha256, to_hex};
@@ -52,7 +54,28 @@ pub enum KeyError {
 /// One verification key: the algorithm is pinned to the key, never taken from the token.
 pub(crate) struct VerifyKey {
     pub(crate) alg: Algorithm,
-    pub(crate) decoding: DecodingKey,
+    pub(crate) check: SignatureCheck,
+}
+
+/// A key prepared once, when it is loaded, for the one algorithm pinned to it: the
+/// HMAC key schedule is computed and the public point decoded and validated here,
+/// not for every token.
+pub(crate) enum SignatureCheck {
+    /// HS512.
+    Hmac(Box<hmac::Key>),
+    /// ES256 (fixed-size `r || s` signatures, as JWS uses) or EdDSA (Ed25519).
+    Public(ParsedPublicKey),
+}
+
+impl SignatureCheck {
+    /// Whether `signature` is this key's over `message`. The HMAC comparison is in
+    /// constant time.
+    pub(crate) fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        match self {
+            Self::Hmac(key) => hmac::verify(key, message, signature).is_ok(),
+            Self::Public(key) => key.verify_sig(message, signature).is_ok(),
+        }
+    }
 }
 
 pub(crate) struct SigningKey {
@@ -81,7 +104,7 @@ impl std::fmt::Debug for KeySet {
 struct Loaded {
     kid: String,
     alg: KeyAlgorithm,
-    decoding: DecodingKey,
+    check: SignatureCheck,
     encoding: Option<EncodingKey>,
     jwk: Option<serde_json::Value>,
 }
@@ -173,7 +196,7 @@ impl KeySet {
                     k.kid,
                     VerifyKey {
                         alg: jwt_alg(k.alg),
-                        decoding: k.decoding,
+                        check: k.check,
                     },
                 )
             })
@@ -228,7 +251,7 @@ fn load_file(kid: &str, alg: KeyAlgorithm, path: &Path) -> Result<Loaded, KeyErr
         return Ok(Loaded {
             kid: kid.to_owned(),
             alg,
-            decoding: DecodingKey::from_secret(secret),
+            check: SignatureCheck::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA512, secret))),
             encoding: Some(EncodingKey::from_secret(secret)),
             jwk: None,
         });
@@ -262,33 +285,33 @@ fn load_file(kid: &str, alg: KeyAlgorithm, path: &Path) -> Result<Loaded, KeyErr
         }
         other => return Err(format_err(format!("unexpected PEM block {other:?}"))),
     };
-    let (decoding, jwk) = match alg {
+    let (verification, jwk): (&'static dyn VerificationAlgorithm, _) = match alg {
         KeyAlgorithm::ES256 => {
             if public.len() != 65 || public[0] != 4 {
                 return Err(format_err("not an uncompressed P-256 point".into()));
             }
             let x = URL_SAFE_NO_PAD.encode(&public[1..33]);
             let y = URL_SAFE_NO_PAD.encode(&public[33..]);
-            let decoding =
-                DecodingKey::from_ec_components(&x, &y).map_err(|e| format_err(e.to_string()))?;
             let jwk = json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "alg": "ES256", "use": "sig"});
-            (decoding, jwk)
+            (&ECDSA_P256_SHA256_FIXED, jwk)
         }
         _ => {
             if public.len() != 32 {
                 return Err(format_err("not an Ed25519 public key".into()));
             }
             let x = URL_SAFE_NO_PAD.encode(&public);
-            let decoding =
-                DecodingKey::from_ed_components(&x).map_err(|e| format_err(e.to_string()))?;
             let jwk = json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig"});
-            (decoding, jwk)
+            (&ED25519, jwk)
         }
     };
+    // The point is decoded and checked to be on the curve once, here.
+    let check = ParsedPublicKey::new(verification, &public)
+        .map(SignatureCheck::Public)
+        .map_err(|e| format_err(format!("not a usable {alg} public key: {e}")))?;
     Ok(Loaded {
         kid: kid.to_owned(),
         alg,
-        decoding,
+        check,
         encoding,
         jwk: Some(jwk),
     })

@@ -1,17 +1,25 @@
 //! Access tokens: the claims we mint, and verification that pins the algorithm to
 //! the key named by `kid`. This is the only module that touches jsonwebtoken.
 //! Time checks (`exp`, `nbf`, `iat`) use the injected clock, not the library's.
+//!
+//! jsonwebtoken mints our tokens and verifies other issuers'. Our own tokens are
+//! verified here, on the path of every never-seen token: the compact JWS is split
+//! once, its header read once, the signature checked with a key prepared when it
+//! was loaded (aws-lc-rs, the library's own backend: an HMAC key schedule, a
+//! decoded public point) and the claims parsed once, only under a valid signature.
+//! The library's `decode` read the header three times, built the key for every
+//! token and parsed the claims twice: 6.4 µs against 3.4 µs for an HS512 token.
 
 mod external;
 mod keys;
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Header, Validation};
+use jsonwebtoken::{Algorithm, Header};
 use serde::{Deserialize, Serialize};
 
 pub use external::{ExternalIssuer, ExternalIssuers, JwksError, session_id as external_session_id};
@@ -155,8 +163,6 @@ pub struct TokenCodec {
     /// retries) presenting the same tampered token again is refused without the
     /// signature work. Apart from `verified`, so refusals never evict verified tokens.
     refused: quick_cache::sync::Cache<[u8; 32], u64>,
-    /// One validation per `kid`, each allowing exactly that key's algorithm.
-    validations: HashMap<String, Validation>,
     /// Other issuers whose tokens we verify.
     external: Arc<ExternalIssuers>,
     issuer: String,
@@ -175,21 +181,6 @@ impl std::fmt::Debug for TokenCodec {
 
 impl TokenCodec {
     pub fn new(keys: KeySet, settings: &TokenSettings) -> Self {
-        let validations = keys
-            .verify
-            .iter()
-            .map(|(kid, key)| {
-                let mut v = Validation::new(key.alg);
-                v.set_issuer(&[&settings.issuer]);
-                v.set_audience(&[&settings.audience]);
-                v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-                // Time is checked below against the injected clock.
-                v.validate_exp = false;
-                v.validate_nbf = false;
-                v.leeway = 0;
-                (kid.clone(), v)
-            })
-            .collect();
         Self {
             keys,
             verified: quick_cache::sync::Cache::with_weighter(
@@ -198,7 +189,6 @@ impl TokenCodec {
                 ByWeight,
             ),
             refused: quick_cache::sync::Cache::new(REFUSED_CACHE_ITEMS),
-            validations,
             external: Arc::new(ExternalIssuers::default()),
             issuer: settings.issuer.clone(),
             audience: settings.audience.clone(),
@@ -265,13 +255,19 @@ impl TokenCodec {
             }
             e
         };
-        let header = jsonwebtoken::decode_header(token).map_err(|_| classify_bad_header(token))?;
-        let ours = header
-            .kid
-            .as_deref()
-            .is_some_and(|k| self.keys.verify.contains_key(k));
-        if !ours {
-            // Another issuer's token, or a kid nobody knows.
+        let Some(parts) = Compact::split(token) else {
+            return Err(TokenError::Malformed);
+        };
+        let header_json = URL_SAFE_NO_PAD
+            .decode(parts.header)
+            .map_err(|_| classify_bad_header(token))?;
+        let header = serde_json::from_slice::<JoseHeader<'_>>(&header_json)
+            .map_err(|_| classify_bad_header(token))?;
+        let Some(key) = header.kid.as_deref().and_then(|k| self.keys.verify.get(k)) else {
+            // Another issuer's token, or a kid nobody knows: read with the library's
+            // whole header, as other issuers' keys are checked by the library.
+            let header =
+                jsonwebtoken::decode_header(token).map_err(|_| classify_bad_header(token))?;
             let claims = self
                 .external
                 .verify(token, &header)
@@ -282,23 +278,38 @@ impl TokenCodec {
             let claims = self.remember(digest, claims, token.len(), (now, withdrawals));
             self.check_times(&claims, now)?;
             return Ok(claims);
-        }
+        };
         if !header.typ.as_deref().is_some_and(|t| {
             t.eq_ignore_ascii_case(ACCESS_TOKEN_TYP) || t.eq_ignore_ascii_case("application/at+jwt")
         }) {
             return Err(TokenError::WrongType);
         }
-        let kid = header.kid.as_deref().ok_or(TokenError::UnknownKey)?;
-        let (Some(key), Some(validation)) = (self.keys.verify.get(kid), self.validations.get(kid))
-        else {
-            return Err(TokenError::UnknownKey);
-        };
         if header.alg != key.alg {
             return Err(TokenError::AlgorithmNotAllowed);
         }
-        let data = jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, validation)
-            .map_err(|e| refused(map_error(e.into_kind())))?;
-        let claims = data.claims;
+        if header.crit.is_some() {
+            // No header extension is understood here, so none may be critical
+            // (RFC 7515 section 4.1.11); we never mint one.
+            return Err(TokenError::Malformed);
+        }
+        let signature = URL_SAFE_NO_PAD
+            .decode(parts.signature)
+            .map_err(|_| TokenError::Malformed)?;
+        if !key.check.verifies(parts.signed.as_bytes(), &signature) {
+            return Err(refused(TokenError::BadSignature));
+        }
+        // Only a payload under a valid signature is parsed, and only once.
+        let payload = URL_SAFE_NO_PAD
+            .decode(parts.payload)
+            .map_err(|_| TokenError::Malformed)?;
+        let claims =
+            serde_json::from_slice::<AccessClaims>(&payload).map_err(|e| claims_error(&e))?;
+        if claims.iss != self.issuer {
+            return Err(TokenError::WrongIssuer);
+        }
+        if claims.aud != self.audience {
+            return Err(TokenError::WrongAudience);
+        }
         let missing = [
             ("jti", &claims.jti),
             ("sid", &claims.sid),
@@ -395,20 +406,63 @@ fn map_error(kind: ErrorKind) -> TokenError {
         ErrorKind::InvalidAudience => TokenError::WrongAudience,
         ErrorKind::MissingRequiredClaim(c) => TokenError::MissingClaim(c),
         ErrorKind::InvalidClaimFormat(c) => TokenError::MalformedClaims(c),
-        ErrorKind::Json(e) => {
-            let msg = e.to_string();
-            match msg.split('`').nth(1) {
-                Some(field) if msg.starts_with("missing field") => {
-                    TokenError::MissingClaim(field.to_owned())
-                }
-                _ => TokenError::MalformedClaims(msg),
-            }
-        }
+        ErrorKind::Json(e) => claims_error(&e),
         _ => TokenError::Malformed,
     }
 }
 
-/// A header the library cannot parse: say plainly when it asks for `alg: none`
+/// Claims that do not read as [`AccessClaims`] (or another issuer's claims).
+fn claims_error(e: &serde_json::Error) -> TokenError {
+    let msg = e.to_string();
+    match msg.split('`').nth(1) {
+        Some(field) if msg.starts_with("missing field") => {
+            TokenError::MissingClaim(field.to_owned())
+        }
+        _ => TokenError::MalformedClaims(msg),
+    }
+}
+
+/// A compact JWS split at its two dots: `header.payload.signature`, each part
+/// base64url without padding. Anything else is not a JWS.
+struct Compact<'a> {
+    header: &'a str,
+    payload: &'a str,
+    signature: &'a str,
+    /// `header.payload`: what the signature covers.
+    signed: &'a str,
+}
+
+impl<'a> Compact<'a> {
+    fn split(token: &'a str) -> Option<Self> {
+        let (signed, signature) = token.rsplit_once('.')?;
+        let (header, payload) = signed.split_once('.')?;
+        if payload.contains('.') {
+            return None;
+        }
+        Some(Self {
+            header,
+            payload,
+            signature,
+            signed,
+        })
+    }
+}
+
+/// The JOSE header fields read before the signature is checked: `alg` (one of the
+/// library's algorithm names: `none` does not read), `kid` and `typ`. Other fields
+/// are ignored, except `crit`, which is refused. A field given twice does not read.
+#[derive(Deserialize)]
+struct JoseHeader<'a> {
+    alg: Algorithm,
+    #[serde(borrow, default)]
+    kid: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    typ: Option<Cow<'a, str>>,
+    #[serde(default)]
+    crit: Option<serde::de::IgnoredAny>,
+}
+
+/// A header that does not read: say plainly when it asks for `alg: none`
 /// (or any algorithm we never accept) rather than "malformed".
 fn classify_bad_header(token: &str) -> TokenError {
     let Some(first) = token.split('.').next() else {
@@ -420,8 +474,9 @@ fn classify_bad_header(token: &str) -> TokenError {
         .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
         .and_then(|h| h.get("alg").and_then(|a| a.as_str()).map(str::to_owned));
     match alg {
-        Some(_) => TokenError::AlgorithmNotAllowed,
-        None => TokenError::Malformed,
+        // A header that fails for another reason names a known algorithm.
+        Some(alg) if alg.parse::<Algorithm>().is_err() => TokenError::AlgorithmNotAllowed,
+        _ => TokenError::Malformed,
     }
 }
 
@@ -468,6 +523,141 @@ mod tests {
             extra: Default::default(),
             foreign: false,
         }
+    }
+
+    /// A token with exactly this header and payload JSON, signed with the codec's key.
+    fn signed(codec: &TokenCodec, header: &str, payload: &str) -> String {
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        let signing = &codec.keys.signing;
+        let signature =
+            jsonwebtoken::crypto::sign(signed.as_bytes(), &signing.encoding, signing.alg).unwrap();
+        format!("{signed}.{signature}")
+    }
+
+    fn header(codec: &TokenCodec) -> String {
+        format!(
+            r#"{{"alg":"EdDSA","typ":"at+jwt","kid":"{}"}}"#,
+            codec.keys.signing_kid()
+        )
+    }
+
+    #[test]
+    fn claims_read_back_as_they_were_minted_with_the_apps_own_beside_them() {
+        let (_dir, codec) = codec();
+        let at = 1_800_000_000;
+        let mut minted = claims(&codec, at);
+        minted.nbf = Some(at);
+        minted.generation = 3;
+        minted.epoch = 2;
+        minted.acr = Some("urn:mfa".into());
+        minted.amr = Some(vec!["pwd".into(), "otp".into()]);
+        minted
+            .extra
+            .insert("tenant".into(), serde_json::json!({"id": 7}));
+        let token = codec.mint(&minted).unwrap();
+        assert_eq!(codec.verify(&token, at), Ok(Arc::new(minted)));
+
+        // A claim name written with escapes is the same claim; absent optional
+        // claims take their defaults.
+        let payload = format!(
+            r#"{{"iss":"{}","aud":"{}","\u0073ub":"bob","jti":"j2","sid":"s","iat":{at},"exp":{},"auth_time":{at},"bnd":"b"}}"#,
+            codec.issuer(),
+            codec.audience(),
+            at + 60
+        );
+        let read = codec
+            .verify(&signed(&codec, &header(&codec), &payload), at)
+            .unwrap();
+        assert_eq!(
+            (read.sub.as_str(), read.generation, read.nbf),
+            ("bob", 0, None)
+        );
+    }
+
+    #[test]
+    fn a_registered_claim_given_twice_or_missing_is_refused_under_a_valid_signature() {
+        let (_dir, codec) = codec();
+        let at = 1_800_000_000;
+        let body = |extra: &str| {
+            format!(
+                r#"{{"iss":"{}","aud":"{}","jti":"j","sid":"s","iat":{at},"exp":{},"auth_time":{at},"bnd":"b"{extra}}}"#,
+                codec.issuer(),
+                codec.audience(),
+                at + 60
+            )
+        };
+        let verify = |payload: &str| codec.verify(&signed(&codec, &header(&codec), payload), at);
+        assert!(verify(&body(r#","sub":"alice""#)).is_ok());
+        assert!(
+            matches!(
+                verify(&body(r#","sub":"alice","sub":"mallory""#)),
+                Err(TokenError::MalformedClaims(m)) if m.contains("duplicate field `sub`")
+            ),
+            "a registered claim twice"
+        );
+        assert_eq!(
+            verify(&body("")),
+            Err(TokenError::MissingClaim("sub".into()))
+        );
+        assert!(matches!(
+            verify(&body(r#","sub":7"#)),
+            Err(TokenError::MalformedClaims(_))
+        ));
+    }
+
+    #[test]
+    fn only_a_compact_jws_with_a_known_header_is_read() {
+        let (_dir, codec) = codec();
+        let at = 1_800_000_000;
+        let token = codec.mint(&claims(&codec, at)).unwrap();
+        let payload = serde_json::to_string(&claims(&codec, at)).unwrap();
+        let kid = codec.keys.signing_kid();
+
+        assert_eq!(
+            codec.verify(&format!("{token}.x"), at),
+            Err(TokenError::Malformed)
+        );
+        assert_eq!(
+            codec.verify(&format!("{token}="), at),
+            Err(TokenError::Malformed)
+        );
+        let critical =
+            format!(r#"{{"alg":"EdDSA","typ":"at+jwt","kid":"{kid}","crit":["b64"],"b64":false}}"#);
+        assert_eq!(
+            codec.verify(&signed(&codec, &critical, &payload), at),
+            Err(TokenError::Malformed),
+            "a critical extension we do not understand"
+        );
+        let twice = format!(r#"{{"alg":"EdDSA","typ":"at+jwt","kid":"{kid}","kid":"other"}}"#);
+        assert_eq!(
+            codec.verify(&signed(&codec, &twice, &payload), at),
+            Err(TokenError::Malformed)
+        );
+        let confused = format!(r#"{{"alg":"HS512","typ":"at+jwt","kid":"{kid}"}}"#);
+        assert_eq!(
+            codec.verify(&signed(&codec, &confused, &payload), at),
+            Err(TokenError::AlgorithmNotAllowed),
+            "the algorithm is the key's, never the token's"
+        );
+        let none = format!(r#"{{"alg":"none","typ":"at+jwt","kid":"{kid}"}}"#);
+        let unsigned = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(none),
+            URL_SAFE_NO_PAD.encode(&payload)
+        );
+        assert_eq!(
+            codec.verify(&unsigned, at),
+            Err(TokenError::AlgorithmNotAllowed)
+        );
+        let untyped = format!(r#"{{"alg":"EdDSA","kid":"{kid}"}}"#);
+        assert_eq!(
+            codec.verify(&signed(&codec, &untyped, &payload), at),
+            Err(TokenError::WrongType)
+        );
     }
 
     #[test]
