@@ -287,7 +287,7 @@ impl TokenCodec {
         if header.alg != key.alg {
             return Err(TokenError::AlgorithmNotAllowed);
         }
-        if header.crit.is_some() {
+        if header.crit {
             // No header extension is understood here, so none may be critical
             // (RFC 7515 section 4.1.11); we never mint one.
             return Err(TokenError::Malformed);
@@ -458,8 +458,14 @@ struct JoseHeader<'a> {
     kid: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     typ: Option<Cow<'a, str>>,
-    #[serde(default)]
-    crit: Option<serde::de::IgnoredAny>,
+    /// Present at all, `null` included.
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
+}
+
+/// Called only for a field that is there: whatever its value, it is present.
+fn present<'de, D: serde::Deserializer<'de>>(field: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(field).map(|_| true)
 }
 
 /// A header that does not read: say plainly when it asks for `alg: none`
@@ -502,6 +508,25 @@ mod tests {
         .unwrap();
         let codec = TokenCodec::new(keys, &settings.tokens);
         (dir, codec)
+    }
+
+    /// A codec whose one key is a new key of `alg`.
+    fn codec_with(alg: crate::config::KeyAlgorithm) -> (tempfile::TempDir, TokenCodec) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, keys::generate(alg).unwrap()).unwrap();
+        let entry = crate::config::KeyEntry {
+            kid: format!("k-{alg}"),
+            alg,
+            path,
+        };
+        let keys = KeySet::load(&[entry], None).unwrap();
+        let settings = crate::config::Settings::resolve(
+            crate::config::FileConfig::default(),
+            &Default::default(),
+        )
+        .unwrap();
+        (dir, TokenCodec::new(keys, &settings.tokens))
     }
 
     fn claims(codec: &TokenCodec, at: UnixSeconds) -> AccessClaims {
@@ -632,14 +657,32 @@ mod tests {
             Err(TokenError::Malformed),
             "a critical extension we do not understand"
         );
+        let null = format!(r#"{{"alg":"EdDSA","typ":"at+jwt","kid":"{kid}","crit":null}}"#);
+        assert_eq!(
+            codec.verify(&signed(&codec, &null, &payload), at),
+            Err(TokenError::Malformed),
+            "crit is refused whatever its value"
+        );
         let twice = format!(r#"{{"alg":"EdDSA","typ":"at+jwt","kid":"{kid}","kid":"other"}}"#);
         assert_eq!(
             codec.verify(&signed(&codec, &twice, &payload), at),
             Err(TokenError::Malformed)
         );
-        let confused = format!(r#"{{"alg":"HS512","typ":"at+jwt","kid":"{kid}"}}"#);
+        // The classic confusion: an HMAC keyed with the key's published public key.
+        let public = codec.keys.jwks()["keys"][0]["x"].as_str().unwrap();
+        let public = URL_SAFE_NO_PAD.decode(public).unwrap();
+        let confused = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"HS512","typ":"at+jwt","kid":"{kid}"}}"#)),
+            URL_SAFE_NO_PAD.encode(&payload)
+        );
+        let mac = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA512, &public),
+            confused.as_bytes(),
+        );
+        let confused = format!("{confused}.{}", URL_SAFE_NO_PAD.encode(mac.as_ref()));
         assert_eq!(
-            codec.verify(&signed(&codec, &confused, &payload), at),
+            codec.verify(&confused, at),
             Err(TokenError::AlgorithmNotAllowed),
             "the algorithm is the key's, never the token's"
         );
@@ -658,6 +701,90 @@ mod tests {
             codec.verify(&signed(&codec, &untyped, &payload), at),
             Err(TokenError::WrongType)
         );
+        let mut elsewhere = claims(&codec, at);
+        elsewhere.iss = "https://elsewhere.example".into();
+        let elsewhere = signed(
+            &codec,
+            &header(&codec),
+            &serde_json::to_string(&elsewhere).unwrap(),
+        );
+        assert_eq!(codec.verify(&elsewhere, at), Err(TokenError::WrongIssuer));
+
+        // None of these refusals is remembered: only a bad signature is, and
+        // only a token whose signature and claims passed is kept as verified.
+        for refused in [
+            format!("{token}.x"),
+            signed(&codec, &critical, &payload),
+            signed(&codec, &null, &payload),
+            signed(&codec, &twice, &payload),
+            confused,
+            unsigned,
+            signed(&codec, &untyped, &payload),
+            elsewhere,
+            signed(&codec, &header(&codec), r#"{"sub":7}"#),
+        ] {
+            assert!(codec.verify(&refused, at).is_err());
+            let digest = crate::config::sha256(refused.as_bytes());
+            assert!(codec.verified.get(&digest).is_none(), "{refused}");
+            assert_eq!(codec.refused.get(&digest), None, "{refused}");
+        }
+    }
+
+    #[test]
+    fn a_signature_of_the_wrong_shape_is_refused_for_every_algorithm() {
+        use crate::config::KeyAlgorithm;
+        let at = 1_800_000_000;
+        for alg in [
+            KeyAlgorithm::HS512,
+            KeyAlgorithm::ES256,
+            KeyAlgorithm::EdDSA,
+        ] {
+            let (_dir, codec) = codec_with(alg);
+            let token = codec.mint(&claims(&codec, at)).unwrap();
+            assert!(codec.verify(&token, at).is_ok(), "{alg}");
+            let (signed, signature) = token.rsplit_once('.').unwrap();
+            let signature = URL_SAFE_NO_PAD.decode(signature).unwrap();
+            let with = |signature: &[u8]| format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature));
+            let short = with(&signature[..signature.len() - 1]);
+            assert_eq!(
+                codec.verify(&short, at),
+                Err(TokenError::BadSignature),
+                "{alg} short"
+            );
+            let long = with(&[signature.as_slice(), &[0]].concat());
+            assert_eq!(
+                codec.verify(&long, at),
+                Err(TokenError::BadSignature),
+                "{alg} long"
+            );
+            let empty = format!("{signed}.");
+            assert_eq!(
+                codec.verify(&empty, at),
+                Err(TokenError::BadSignature),
+                "{alg} empty"
+            );
+            if alg == KeyAlgorithm::ES256 {
+                // JWS carries r || s; the same signature in DER does not verify.
+                let der = der_signature(&signature[..32], &signature[32..]);
+                assert_eq!(codec.verify(&with(&der), at), Err(TokenError::BadSignature));
+            }
+        }
+    }
+
+    /// An ECDSA signature `r`, `s` (big-endian) as ASN.1 DER, as X.509 tools write it.
+    fn der_signature(r: &[u8], s: &[u8]) -> Vec<u8> {
+        let integer = |n: &[u8]| {
+            let n = &n[n.iter().take_while(|b| **b == 0).count()..];
+            let pad = n.first().is_some_and(|b| b & 0x80 != 0);
+            let mut out = vec![0x02, (n.len() + usize::from(pad)) as u8];
+            if pad {
+                out.push(0);
+            }
+            out.extend_from_slice(n);
+            out
+        };
+        let body = [integer(r), integer(s)].concat();
+        [vec![0x30, body.len() as u8], body].concat()
     }
 
     #[test]
