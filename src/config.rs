@@ -486,7 +486,8 @@ impl fmt::Display for KeyAlgorithm {
 /// An app allowed to call the session and verify APIs; only the key's hash is kept.
 #[derive(Debug, Clone)]
 pub struct AppCredential {
-    pub id: String,
+    /// Shared with every request the app makes, not copied into it.
+    pub id: std::sync::Arc<str>,
     pub key_sha256: [u8; 32],
 }
 
@@ -700,7 +701,7 @@ impl Settings {
         };
         let mut seen = std::collections::HashSet::new();
         for app in &apps {
-            if !seen.insert(app.id.as_str()) {
+            if !seen.insert(&*app.id) {
                 return Err(invalid(
                     "apps",
                     format!("app id {:?} appears twice", app.id),
@@ -961,7 +962,7 @@ fn app_from_entry(entry: AppEntry) -> Result<AppCredential, ConfigError> {
         }
     };
     Ok(AppCredential {
-        id: entry.id,
+        id: entry.id.into(),
         key_sha256,
     })
 }

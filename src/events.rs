@@ -42,10 +42,13 @@ fn stored(e: Event) -> Option<StoredEvent> {
     }
     Some(StoredEvent {
         ts_ms: parse_ms(&e.ts)?,
-        kind: e.kind.as_str().to_owned(),
+        kind: Cow::Borrowed(e.kind.as_str()),
         session_id: clean(e.session_id),
         subject: clean(e.subject),
-        decision: clean(e.decision.map(Cow::into_owned)),
+        decision: e.decision.map(|d| match d {
+            Cow::Owned(d) => Cow::Owned(clean(Some(d)).unwrap_or_default()),
+            borrowed => borrowed,
+        }),
         event,
     })
 }
@@ -90,7 +93,7 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
+    pub method: Option<Cow<'static, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -169,6 +172,15 @@ impl<'de> Deserialize<'de> for UaKey {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d).map(Self::Text)
     }
+}
+
+/// An address as text, written into a string of its longest length: formatted
+/// into an empty one, an IPv4 address grows it twice.
+fn ip_text(ip: std::net::IpAddr) -> String {
+    use std::fmt::Write;
+    let mut text = String::with_capacity(45);
+    let _ = write!(text, "{ip}");
+    text
 }
 
 fn without_query(url: &str) -> String {
@@ -294,7 +306,7 @@ impl Event {
     }
 
     pub fn request(mut self, r: &RequestInfo) -> Self {
-        self.ip = r.ip.map(|ip| ip.to_string());
+        self.ip = r.ip.map(ip_text);
         self.user_agent = r.user_agent.clone();
         self.method = r.method.clone();
         // Query strings and fragments can carry secrets (tokens in links): never recorded.
@@ -308,7 +320,7 @@ impl Event {
     }
 
     pub fn client(mut self, c: &ClientInfo) -> Self {
-        self.ip.get_or_insert_with(|| c.ip.to_string());
+        self.ip.get_or_insert_with(|| ip_text(c.ip));
         self.country.clone_from(&c.country);
         self.asn = c.asn;
         if let Some(l) = &c.location {
@@ -512,6 +524,21 @@ impl EventSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_as_they_display() {
+        for ip in [
+            "81.2.69.142",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::7",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+    }
 
     #[test]
     fn query_strings_never_reach_the_audit_log() {

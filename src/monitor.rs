@@ -2,6 +2,7 @@
 //! reload), enrichment, rate limiters and the in-memory state of every session
 //! and user it has seen. It decides; the session service makes decisions durable.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,12 +36,25 @@ const RATE_KEYS_MAX: usize = 100_000;
 pub struct RequestInfo {
     pub ip: Option<IpAddr>,
     pub user_agent: Option<String>,
-    pub method: Option<String>,
+    /// The standard methods are borrowed (see [`method_name`]).
+    pub method: Option<Cow<'static, str>>,
     pub path: Option<String>,
     pub referrer: Option<String>,
     pub origin: Option<String>,
     pub sec_fetch_site: Option<String>,
     pub cost: Option<u32>,
+}
+
+/// A request method as the engine and the audit event keep it: one of the
+/// standard methods (RFC 9110, and PATCH) is borrowed, any other kept as given.
+pub fn method_name(method: impl AsRef<str> + Into<String>) -> Cow<'static, str> {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    match STANDARD.iter().find(|m| **m == method.as_ref()) {
+        Some(m) => Cow::Borrowed(m),
+        None => Cow::Owned(method.into()),
+    }
 }
 
 /// Where the active rules came from, for `/readyz` and reload messages.
@@ -450,6 +464,19 @@ impl Monitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standard_methods_are_borrowed_and_others_kept_as_given() {
+        for m in [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+        ] {
+            assert!(matches!(method_name(m), Cow::Borrowed(b) if b == m));
+            assert!(matches!(method_name(m.to_owned()), Cow::Borrowed(b) if b == m));
+        }
+        for m in ["get", "PROPFIND", "", "GET "] {
+            assert!(matches!(method_name(m), Cow::Owned(o) if o == m), "{m:?}");
+        }
+    }
     use crate::clock::{Clock, ManualClock};
     use crate::enrich::{EnrichConfig, UaParser};
 

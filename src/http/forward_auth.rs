@@ -27,7 +27,7 @@ use super::AppState;
 use super::error::{ApiError, bearer_challenge, bearer_challenge_with};
 use super::verify::{Decision, MAX_CONTEXT_FIELD, decide};
 use crate::config::ForwardAuthSettings;
-use crate::monitor::RequestInfo;
+use crate::monitor::{RequestInfo, method_name};
 use crate::risk::ReasonMode;
 
 pub const PATH: &str = "/v1/forward-auth";
@@ -227,6 +227,25 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     last_trusted
 }
 
+/// Risk values an allowed request usually carries (below the default revoke
+/// threshold, 90), rendered once.
+const RISK_RENDERED: u16 = 100;
+
+/// The session's risk as its header carries it: rounded as `{:.0}` rounds (half to
+/// even). The usual values are rendered once and shared, not formatted and copied
+/// for every answer.
+fn risk_header(risk: f64) -> Option<HeaderValue> {
+    static RENDERED: std::sync::LazyLock<Vec<HeaderValue>> =
+        std::sync::LazyLock::new(|| (0..=RISK_RENDERED).map(HeaderValue::from).collect());
+    let rounded = risk.round_ties_even();
+    if rounded.is_sign_positive() && rounded <= f64::from(RISK_RENDERED) {
+        // In 0..=RISK_RENDERED, so the cast is exact.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        return RENDERED.get(rounded as usize).cloned();
+    }
+    HeaderValue::from_str(&format!("{risk:.0}")).ok()
+}
+
 /// The protected request as the gateway describes it. `envoy_path` is the path
 /// appended to our prefix, if the gateway used that convention.
 fn forwarded_request(
@@ -250,9 +269,9 @@ fn forwarded_request(
         (None, e) => e,
     };
     let method = match one_of(headers, &[X_ORIGINAL_METHOD, X_FORWARDED_METHOD])? {
-        Some(m) => Some(m.to_owned()),
+        Some(m) => Some(method_name(m)),
         // Envoy (and a gateway calling us with the original method) says it this way.
-        None if *method != Method::GET || path.is_some() => Some(method.as_str().to_owned()),
+        None if *method != Method::GET || path.is_some() => Some(method_name(method.as_str())),
         None => None,
     };
     // Checked for shape even though no rule reads them yet.
@@ -472,14 +491,14 @@ async fn forward_auth(
             let mut r = StatusCode::OK.into_response();
             let h = r.headers_mut();
             for (name, value) in [
-                (&fa.subject, d.subject.as_deref()),
-                (&fa.session, d.session_id.as_deref()),
+                (&fa.subject, d.subject.as_ref()),
+                (&fa.session, d.session_id.as_ref()),
             ] {
-                if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+                if let Some(v) = value.and_then(|v| HeaderValue::from_str(v.as_str()).ok()) {
                     h.insert(name.clone(), v);
                 }
             }
-            if let Ok(v) = HeaderValue::from_str(&format!("{:.0}", d.session_risk)) {
+            if let Some(v) = risk_header(d.session_risk) {
                 h.insert(fa.risk.clone(), v);
             }
             r
@@ -535,6 +554,39 @@ async fn forward_auth(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_risk_header_reads_as_the_risk_formatted() {
+        for risk in [
+            0.0,
+            0.4,
+            0.5,
+            1.5,
+            2.5,
+            42.49,
+            42.5,
+            43.5,
+            89.99,
+            99.5,
+            100.0,
+            100.4,
+            100.5,
+            100.6,
+            150.7,
+            1e9,
+            -0.0,
+            -0.4,
+            -3.2,
+            f64::NAN,
+        ] {
+            let header = risk_header(risk).unwrap();
+            assert_eq!(
+                header.to_str().unwrap(),
+                format!("{risk:.0}"),
+                "risk {risk}"
+            );
+        }
+    }
 
     #[test]
     fn forwarding_headers_count_only_from_trusted_proxies() {

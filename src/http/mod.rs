@@ -71,28 +71,62 @@ pub struct Services {
 const MAX_BODY_BYTES: usize = 64 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The public router (session, verify and OAuth APIs).
-pub fn app(state: AppState) -> Router {
-    Router::new()
+/// The public API (session, verify and OAuth), with the body limit and the
+/// timeout wrapped around the router once. Added with `Router::layer`, each layer
+/// wraps every route on its own: a boxed service cloned and a boxed future on
+/// every request, for each layer.
+pub fn app(state: AppState) -> impl HttpService {
+    let router = Router::new()
         .merge(sessions::router())
         .merge(verify::router())
         .merge(oauth::router())
         .merge(health::router())
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state);
+    tower::ServiceBuilder::new()
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .service(router)
 }
 
-/// The admin router, on its own listener with its own credential.
-pub fn admin_app(state: AppState) -> Router {
-    Router::new()
+/// The admin API, on its own listener with its own credential.
+pub fn admin_app(state: AppState) -> impl HttpService {
+    let router = Router::new()
         .merge(admin::router(state.clone()))
         .merge(health::router())
+        .with_state(state);
+    tower::ServiceBuilder::new()
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .service(router)
+}
+
+/// What [`app`] and [`admin_app`] serve: a router with its layers around it.
+pub trait HttpService:
+    tower::Service<
+        axum::extract::Request,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> HttpService for S where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
 }
 
 /// The running service: both listeners bound, state built.
@@ -324,12 +358,16 @@ impl Application {
         };
         let public = axum::serve(
             self.public,
-            app(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+            axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+                SocketAddr,
+            >(app(self.state.clone())),
         )
         .with_graceful_shutdown(wait(stop_rx.clone()));
         let admin = axum::serve(
             self.admin,
-            admin_app(self.state).into_make_service_with_connect_info::<SocketAddr>(),
+            axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+                SocketAddr,
+            >(admin_app(self.state)),
         )
         .with_graceful_shutdown(wait(stop_rx));
         let public = tokio::spawn(async move { public.await });
@@ -412,7 +450,7 @@ fn dev_app_key(data_dir: &Path) -> anyhow::Result<AppCredential> {
         })?;
     key_sha256.copy_from_slice(&bytes);
     Ok(AppCredential {
-        id: "dev".to_owned(),
+        id: "dev".into(),
         key_sha256,
     })
 }

@@ -2,6 +2,7 @@
 //! (`/v1/forward-auth`, the gateway's variant, lives in `forward_auth`).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::routing::post;
@@ -11,9 +12,10 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{App, JsonBody};
-use crate::monitor::RequestInfo;
+use crate::monitor::{RequestInfo, method_name};
 use crate::risk::{Reason, ReasonMode};
 use crate::session::Verdict;
+use crate::token::AccessClaims;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -85,9 +87,9 @@ pub struct Decision {
     pub decision: &'static str,
     pub score: u32,
     pub session_risk: f64,
-    pub subject: Option<String>,
-    pub session_id: Option<String>,
-    pub jti: Option<String>,
+    pub subject: Option<Claim>,
+    pub session_id: Option<Claim>,
+    pub jti: Option<Claim>,
     pub reasons: Vec<Reason>,
     pub user_message: Option<String>,
     pub retry_after: Option<u64>,
@@ -95,6 +97,29 @@ pub struct Decision {
     pub shadow_decision: Option<&'static str>,
     /// The rule set that decided.
     pub rules_hash: Option<std::sync::Arc<str>>,
+}
+
+/// One claim of the verified token, shared with it (and with the verified-token
+/// cache) instead of copied into every answer.
+#[derive(Clone)]
+pub struct Claim(Arc<AccessClaims>, fn(&AccessClaims) -> &str);
+
+impl Claim {
+    pub fn as_str(&self) -> &str {
+        (self.1)(&self.0)
+    }
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for Claim {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 const SIGN_IN_AGAIN: &str = "Your session has ended. Please sign in again.";
@@ -110,13 +135,13 @@ fn reason(rule: &str, detail: String) -> Reason {
 }
 
 pub fn decide(verdict: Verdict) -> Decision {
-    let base = |decision, claims: Option<&crate::token::AccessClaims>| Decision {
+    let base = |decision, claims: Option<&Arc<AccessClaims>>| Decision {
         decision,
         score: 0,
         session_risk: 0.0,
-        subject: claims.map(|c| c.sub.clone()),
-        session_id: claims.map(|c| c.sid.clone()),
-        jti: claims.map(|c| c.jti.clone()),
+        subject: claims.map(|c| Claim(Arc::clone(c), |c| &c.sub)),
+        session_id: claims.map(|c| Claim(Arc::clone(c), |c| &c.sid)),
+        jti: claims.map(|c| Claim(Arc::clone(c), |c| &c.jti)),
         reasons: Vec::new(),
         user_message: None,
         retry_after: None,
@@ -148,19 +173,20 @@ pub fn decide(verdict: Verdict) -> Decision {
 }
 
 impl RequestContext {
-    fn info(&self) -> RequestInfo {
+    /// The request as the engine reads it; its text moves, it is not copied.
+    fn into_info(self) -> RequestInfo {
         RequestInfo {
             ip: self
                 .ip
                 .as_deref()
                 .and_then(|ip| ip.trim().parse::<IpAddr>().ok())
                 .map(|ip| ip.to_canonical()),
-            user_agent: self.user_agent.clone(),
-            method: self.method.clone(),
-            path: self.path.clone(),
-            referrer: self.referrer.clone(),
-            origin: self.origin.clone(),
-            sec_fetch_site: self.sec_fetch_site.clone(),
+            user_agent: self.user_agent,
+            method: self.method.map(method_name),
+            path: self.path,
+            referrer: self.referrer,
+            origin: self.origin,
+            sec_fetch_site: self.sec_fetch_site,
             cost: self.cost,
         }
     }
@@ -175,7 +201,7 @@ async fn verify(
     let started = std::time::Instant::now();
     let verdict = state
         .sessions
-        .verify(&body.token, &body.request.info())
+        .verify(&body.token, &body.request.into_info())
         .await?;
     let d = decide(verdict);
     state

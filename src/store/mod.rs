@@ -87,10 +87,11 @@ pub struct SessionRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {
     pub ts_ms: i64,
-    pub kind: String,
+    /// The kind and the decision are most often one of a few words, borrowed.
+    pub kind: std::borrow::Cow<'static, str>,
     pub session_id: Option<String>,
     pub subject: Option<String>,
-    pub decision: Option<String>,
+    pub decision: Option<std::borrow::Cow<'static, str>>,
     /// The event as one JSON object (stored and exported exactly as given).
     pub event: String,
 }

@@ -241,36 +241,42 @@ fn load_file(kid: &str, alg: KeyAlgorithm, path: &Path) -> Result<Loaded, KeyErr
         path: path.to_owned(),
         message,
     };
-    if alg == KeyAlgorithm::HS512 {
-        let secret = trim_ascii(&bytes);
-        check_secret_strength(secret).map_err(|message| KeyError::WeakSecret {
-            kid: kid.to_owned(),
-            path: path.to_owned(),
-            message,
-        })?;
-        return Ok(Loaded {
-            kid: kid.to_owned(),
-            alg,
-            check: SignatureCheck::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA512, secret))),
-            encoding: Some(EncodingKey::from_secret(secret)),
-            jwk: None,
-        });
-    }
+    // A secret, or a PEM key on one of the two curves: every match below is on
+    // the curve, so no algorithm falls into another's arm.
+    let curve = match alg {
+        KeyAlgorithm::HS512 => {
+            let secret = trim_ascii(&bytes);
+            check_secret_strength(secret).map_err(|message| KeyError::WeakSecret {
+                kid: kid.to_owned(),
+                path: path.to_owned(),
+                message,
+            })?;
+            return Ok(Loaded {
+                kid: kid.to_owned(),
+                alg,
+                check: SignatureCheck::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA512, secret))),
+                encoding: Some(EncodingKey::from_secret(secret)),
+                jwk: None,
+            });
+        }
+        KeyAlgorithm::ES256 => Curve::P256,
+        KeyAlgorithm::EdDSA => Curve::Ed25519,
+    };
     let pem = pem::parse(&bytes).map_err(|e| format_err(format!("not a PEM file: {e}")))?;
     let (public, encoding) = match pem.tag() {
         "PRIVATE KEY" => {
             let public =
-                public_from_pkcs8(alg, pem.contents()).map_err(|m| format_err(m.into()))?;
-            let encoding = match alg {
-                KeyAlgorithm::ES256 => EncodingKey::from_ec_der(pem.contents()),
-                _ => EncodingKey::from_ed_der(pem.contents()),
+                public_from_pkcs8(curve, pem.contents()).map_err(|m| format_err(m.into()))?;
+            let encoding = match curve {
+                Curve::P256 => EncodingKey::from_ec_der(pem.contents()),
+                Curve::Ed25519 => EncodingKey::from_ed_der(pem.contents()),
             };
             (public, Some(encoding))
         }
         "PUBLIC KEY" => {
-            let prefix = match alg {
-                KeyAlgorithm::ES256 => P256_SPKI_PREFIX,
-                _ => ED25519_SPKI_PREFIX,
+            let prefix = match curve {
+                Curve::P256 => P256_SPKI_PREFIX,
+                Curve::Ed25519 => ED25519_SPKI_PREFIX,
             };
             let public = pem
                 .contents()
@@ -285,8 +291,8 @@ fn load_file(kid: &str, alg: KeyAlgorithm, path: &Path) -> Result<Loaded, KeyErr
         }
         other => return Err(format_err(format!("unexpected PEM block {other:?}"))),
     };
-    let (verification, jwk): (&'static dyn VerificationAlgorithm, _) = match alg {
-        KeyAlgorithm::ES256 => {
+    let (verification, jwk): (&'static dyn VerificationAlgorithm, _) = match curve {
+        Curve::P256 => {
             if public.len() != 65 || public[0] != 4 {
                 return Err(format_err("not an uncompressed P-256 point".into()));
             }
@@ -295,7 +301,7 @@ fn load_file(kid: &str, alg: KeyAlgorithm, path: &Path) -> Result<Loaded, KeyErr
             let jwk = json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "alg": "ES256", "use": "sig"});
             (&ECDSA_P256_SHA256_FIXED, jwk)
         }
-        _ => {
+        Curve::Ed25519 => {
             if public.len() != 32 {
                 return Err(format_err("not an Ed25519 public key".into()));
             }
@@ -317,12 +323,19 @@ fn load_file(kid: &str, alg: KeyAlgorithm, path: &Path) -> Result<Loaded, KeyErr
     })
 }
 
-fn public_from_pkcs8(alg: KeyAlgorithm, der: &[u8]) -> Result<Vec<u8>, &'static str> {
-    match alg {
-        KeyAlgorithm::ES256 => EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der)
+/// The curve of an ES256 or EdDSA key.
+#[derive(Clone, Copy)]
+enum Curve {
+    P256,
+    Ed25519,
+}
+
+fn public_from_pkcs8(curve: Curve, der: &[u8]) -> Result<Vec<u8>, &'static str> {
+    match curve {
+        Curve::P256 => EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der)
             .map(|k| k.public_key().as_ref().to_vec())
             .map_err(|_| "not a PKCS#8 P-256 private key"),
-        _ => Ed25519KeyPair::from_pkcs8(der)
+        Curve::Ed25519 => Ed25519KeyPair::from_pkcs8(der)
             .map(|k| k.public_key().as_ref().to_vec())
             .map_err(|_| "not a PKCS#8 Ed25519 private key"),
     }

@@ -399,6 +399,34 @@ async fn malformed_input_gets_a_400_problem_naming_the_field() {
 }
 
 #[tokio::test]
+async fn bodies_over_64_kib_are_refused_whatever_the_route() {
+    let Some((app, _keys, _db, _data)) = spawn(Backend::Sqlite, "hs-1").await else {
+        return;
+    };
+    let too_large = |field: &str| json!({ field: "x".repeat(65 * 1024) });
+    for (path, field) in [
+        ("/v1/verify", "token"),
+        ("/v1/sessions", "subject"),
+        ("/v1/sessions/refresh", "refresh_token"),
+    ] {
+        let r = app.post(path, too_large(field)).await;
+        assert_eq!(r.status(), 400, "{path}");
+        let problem: Value = r.json().await.unwrap();
+        assert_eq!(
+            problem["detail"], "the body is too large",
+            "{path}: {problem}"
+        );
+    }
+    // Just under the limit, a body is read and judged for what it holds.
+    let r = app
+        .post("/v1/verify", json!({"token": "x".repeat(63 * 1024)}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["decision"], "invalid", "{v}");
+}
+
+#[tokio::test]
 async fn introspection_and_rfc7009_revocation_follow_the_rfcs() {
     let Some((app, _keys, _db, _data)) = spawn(Backend::Sqlite, "es-1").await else {
         return;

@@ -108,7 +108,7 @@ async fn events_are_filtered_paged_in_time_order_and_pruned(backend: Backend) {
         kind: "request".into(),
         session_id: Some(format!("s-{subject}")),
         subject: Some(subject.into()),
-        decision: Some(decision.into()),
+        decision: Some(decision.to_owned().into()),
         event: format!("{{\"ts\":{ts_ms}}}"),
     };
     // Written out of time order, as batches from several writers can be.

@@ -39,6 +39,23 @@ fn unsigned(header: Value, claims: &Value) -> String {
     )
 }
 
+/// A token with this header, HS512-signed with `secret`.
+fn hmac_signed(header: Value, claims: &Value, secret: &[u8]) -> String {
+    hmac_signed_raw(&header.to_string(), claims, secret)
+}
+
+/// The same, with the header's JSON exactly as given.
+fn hmac_signed_raw(header: &str, claims: &Value, secret: &[u8]) -> String {
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA512, secret);
+    let tag = aws_lc_rs::hmac::sign(&key, input.as_bytes());
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+}
+
 #[tokio::test]
 async fn every_kind_of_bad_token_is_refused_with_its_reason() {
     let Fixture { db, keys, data } = Fixture::sqlite().await;
@@ -63,6 +80,18 @@ async fn every_kind_of_bad_token_is_refused_with_its_reason() {
     // The same claims, re-signed by us with the real key: accepted (the baseline).
     assert_eq!(
         app.verify(&sign(&hs_header, &claims)).await["decision"],
+        "allow"
+    );
+
+    // Signed by hand the same way, with a plain header: accepted, so the cases
+    // below are refused for their header alone.
+    assert_eq!(
+        app.verify(&hmac_signed(
+            json!({"alg": "HS512", "typ": "at+jwt", "kid": "hs-1"}),
+            &claims,
+            secret.trim().as_bytes(),
+        ))
+        .await["decision"],
         "allow"
     );
 
@@ -126,6 +155,39 @@ async fn every_kind_of_bad_token_is_refused_with_its_reason() {
         ),
         ("malformed", "not-a-jwt".into()),
         ("malformed", "a.b.c".into()),
+        // Two parts and four: never a compact JWS, whatever the parts hold.
+        ("malformed", good.rsplit_once('.').unwrap().0.to_owned()),
+        (
+            "malformed",
+            format!("{good}.{}", good.rsplit_once('.').unwrap().1),
+        ),
+        // Signed with the real key, but naming an extension we would have to
+        // understand (RFC 7515 §4.1.11): refused, whatever `crit` holds.
+        (
+            "malformed",
+            hmac_signed(
+                json!({"alg": "HS512", "typ": "at+jwt", "kid": "hs-1", "crit": ["exp"]}),
+                &claims,
+                secret.trim().as_bytes(),
+            ),
+        ),
+        (
+            "malformed",
+            hmac_signed(
+                json!({"alg": "HS512", "typ": "at+jwt", "kid": "hs-1", "crit": null}),
+                &claims,
+                secret.trim().as_bytes(),
+            ),
+        ),
+        // A header that names its key twice is not ours to pick from.
+        (
+            "malformed",
+            hmac_signed_raw(
+                r#"{"alg":"HS512","typ":"at+jwt","kid":"hs-1","kid":"hs-1"}"#,
+                &claims,
+                secret.trim().as_bytes(),
+            ),
+        ),
     ];
     for (code, token) in &cases {
         let v = app.verify(token).await;
