@@ -46,8 +46,8 @@ fn stored(e: Event) -> Option<StoredEvent> {
         session_id: clean(e.session_id),
         subject: clean(e.subject),
         decision: e.decision.map(|d| match d {
-            Cow::Owned(d) => Cow::Owned(clean(Some(d)).unwrap_or_default()),
-            borrowed => borrowed,
+            Cow::Owned(d) if d.contains('\0') => Cow::Owned(d.replace('\0', "\u{fffd}")),
+            d => d,
         }),
         event,
     })
@@ -174,8 +174,8 @@ impl<'de> Deserialize<'de> for UaKey {
     }
 }
 
-/// An address as text, written into a string of its longest length: formatted
-/// into an empty one, an IPv4 address grows it twice.
+/// An address as text, written into a string with room for the longest one (45
+/// characters): formatted into an empty one, an IPv4 address grows it twice.
 fn ip_text(ip: std::net::IpAddr) -> String {
     use std::fmt::Write;
     let mut text = String::with_capacity(45);

@@ -465,6 +465,9 @@ impl Monitor {
 mod tests {
     use super::*;
 
+    use crate::clock::{Clock, ManualClock};
+    use crate::enrich::{EnrichConfig, UaParser};
+
     #[test]
     fn standard_methods_are_borrowed_and_others_kept_as_given() {
         for m in [
@@ -477,8 +480,6 @@ mod tests {
             assert!(matches!(method_name(m), Cow::Owned(o) if o == m), "{m:?}");
         }
     }
-    use crate::clock::{Clock, ManualClock};
-    use crate::enrich::{EnrichConfig, UaParser};
 
     #[test]
     fn idle_sessions_and_their_users_leave_memory_but_unwritten_ones_stay() {

@@ -9,7 +9,8 @@
 //! `cargo run --release --example bench-allocs -- [SESSIONS] [--sites]`
 //!
 //! Prints allocations and bytes per request for warm forward-auth and
-//! `/v1/verify` (each session's token used 10 times). `--sites` also records a
+//! `/v1/verify` (each session's token used 10 times; a reallocation counts as
+//! one allocation of its new size). `--sites` also records a
 //! backtrace at every allocation of a few hundred requests and prints where they
 //! come from: the innermost frame in our code, or in the framework when none is.
 
@@ -62,9 +63,13 @@ impl Counting {
     }
 }
 
-// SAFETY: every call is passed to mimalloc unchanged; counting touches only atomics
-// and thread-locals with const initialisers, and tracing is guarded against
-// re-entering itself.
+// SAFETY: every call is passed to mimalloc unchanged. Counting touches only atomics
+// and thread-locals with const initialisers and no destructors. Tracing (only with
+// `--sites`) allocates and takes two locks inside the allocator, std's backtrace
+// lock and `SITES`: `IN_TRACE` keeps it from re-entering itself, and `main`
+// refuses `--sites` when std could be inside a capture of its own (a panic or
+// error backtrace asked for in the environment), which would hold that lock while
+// allocating.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         Self::count(layout.size());
@@ -76,6 +81,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
     }
 
+    /// A reallocation counts as one allocation of its new size.
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         Self::count(new_size);
         unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
@@ -340,6 +346,13 @@ fn main() -> anyhow::Result<()> {
                     .context("usage: bench-allocs [SESSIONS] [--sites]")?
             }
         }
+    }
+    if sites
+        && let Some(var) = ["RUST_BACKTRACE", "RUST_LIB_BACKTRACE"]
+            .into_iter()
+            .find(|v| std::env::var_os(v).is_some())
+    {
+        bail!("--sites takes its own backtraces: unset {var}");
     }
     let data = tempfile::tempdir()?;
     let app_key = tokenwarden::config::to_hex(&tokenwarden::token::random_bytes::<32>()?);

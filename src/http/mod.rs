@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tower_http::timeout::TimeoutLayer;
 
 pub use error::ApiError;
-pub use verify::{Decision, decide};
+pub use verify::{Claim, Decision, decide};
 
 use crate::clock::SharedClock;
 use crate::config::{AppCredential, Secret, Settings, sha256, to_hex};
