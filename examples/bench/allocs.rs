@@ -14,6 +14,8 @@
 //! backtrace at every allocation of a few hundred requests and prints where they
 //! come from: the innermost frame in our code, or in the framework when none is.
 
+mod mix;
+
 use std::alloc::{GlobalAlloc, Layout};
 use std::backtrace::Backtrace;
 use std::cell::Cell;
@@ -94,26 +96,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
-
-const AGENTS: &[&str] = &[
-    "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0",
-    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
-    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_7_1) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Safari/605.1.15",
-    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1",
-    "Mozilla/5.0 (Linux; Android 15; Pixel 9) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36",
-];
-
-/// The benchmark's mix (`examples/bench/tokens.rs`): one address per session, a
-/// tenth in each of three networks the test databases place, the rest unknown to
-/// them; two sessions per user, from the same kind of network.
-fn address(i: usize) -> String {
-    match i % 10 {
-        0 => format!("81.2.69.{}", 142 + (i / 10) % 50),
-        1 => format!("89.160.20.{}", 112 + (i / 10) % 100),
-        2 => format!("216.160.83.{}", 56 + (i / 10) % 100),
-        _ => format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
-    }
-}
 
 fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -229,9 +211,9 @@ fn drive(addr: SocketAddr, app_key: &str, sessions: usize, sites: bool) -> anyho
     let mut client = Client::connect(addr)?;
     let mut opened = Vec::with_capacity(sessions);
     for i in 0..sessions {
-        let (ip, ua) = (address(i), AGENTS[i % AGENTS.len()]);
+        let (ip, ua) = (mix::address(i), mix::agent(i));
         let body = serde_json::json!({
-            "subject": format!("user-{}", i % (sessions / 2).max(1)),
+            "subject": mix::subject(i, sessions),
             "client": {"ip": ip, "user_agent": ua},
         })
         .to_string();

@@ -7,31 +7,13 @@
 //! writes OUT (warm mix) and OUT.cold (COLD never-seen valid tokens), one request
 //! per line: `kind<TAB>token<TAB>ip<TAB>user agent`.
 
+mod mix;
+
 use std::io::Write;
 
 use anyhow::Context;
 use tokenwarden::config::{FileConfig, KeyEntry, Settings, TokensSection};
 use tokenwarden::token::{KeySet, TokenCodec};
-
-const AGENTS: &[&str] = &[
-    "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0",
-    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
-    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_7_1) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Safari/605.1.15",
-    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1",
-    "Mozilla/5.0 (Linux; Android 15; Pixel 9) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36",
-];
-
-/// One address per session, so no address-keyed rate rule is shared: a tenth in
-/// networks the MaxMind test databases place (London, Linköping, Milton), the rest
-/// in documentation and private ranges they do not know.
-fn address(i: usize) -> String {
-    match i % 10 {
-        0 => format!("81.2.69.{}", 142 + (i / 10) % 50),
-        1 => format!("89.160.20.{}", 112 + (i / 10) % 100),
-        2 => format!("216.160.83.{}", 56 + (i / 10) % 100),
-        _ => format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -64,11 +46,11 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..sessions {
         let (http, base, key) = (http.clone(), base.clone(), app_key.clone());
         tasks.spawn(async move {
-            let (ip, ua) = (address(i), AGENTS[i % AGENTS.len()]);
+            let (ip, ua) = (mix::address(i), mix::agent(i));
             let r = http
                 .post(format!("{base}/v1/sessions"))
                 .bearer_auth(key)
-                .json(&serde_json::json!({"subject": format!("user-{}", i % (sessions / 2).max(1)), "client": {"ip": ip, "user_agent": ua}}))
+                .json(&serde_json::json!({"subject": mix::subject(i, sessions), "client": {"ip": ip, "user_agent": ua}}))
                 .send()
                 .await?
                 .error_for_status()?
@@ -90,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
     let mut cold_out = std::io::BufWriter::new(std::fs::File::create(format!("{out}.cold"))?);
     let mut cold_left = cold;
     for (i, r) in &opened {
-        let (ip, ua) = (address(*i), AGENTS[i % AGENTS.len()]);
+        let (ip, ua) = (mix::address(*i), mix::agent(*i));
         let token = r["access_token"].as_str().context("access_token")?;
         let claims = codec.verify(token, now).map_err(anyhow::Error::msg)?;
         // 85 % valid; 5 % each revoked (logged out), expired, bad signature.
