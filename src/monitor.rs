@@ -242,7 +242,7 @@ impl Monitor {
         state.user_generation = session.user_generation;
         state.access_exp_max = session.access_exp_max;
         if state.step_up {
-            state.step_up_message = session.step_up_message.clone();
+            state.step_up_message = session.step_up_message.as_deref().map(Box::from);
         }
         state.subject = Arc::clone(self.user(&session.subject).key());
         self.sessions
@@ -299,8 +299,8 @@ impl Monitor {
     pub fn mark_step_up(&self, session_id: &str, message: Option<String>) {
         if let Some(mut s) = self.sessions.get_mut(session_id) {
             s.step_up = true;
-            if message.is_some() {
-                s.step_up_message = message;
+            if let Some(message) = message {
+                s.step_up_message = Some(message.into_boxed_str());
             }
         }
     }

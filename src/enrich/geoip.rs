@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::IpAddr;
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -362,7 +363,8 @@ impl GeoIp {
             default_radius_km,
             city: ArcSwapOption::new(city.map(Arc::new)),
             asn: ArcSwapOption::new(asn.map(Arc::new)),
-            generation: AtomicU64::new(0),
+            // Never 0: a session's state keeps it as a `NonZeroU64`.
+            generation: AtomicU64::new(1),
             cache: Cache::new(CACHE_CAPACITY),
             errors: Mutex::new((None, None)),
             names: Mutex::new(HashSet::new()),
@@ -371,9 +373,9 @@ impl GeoIp {
     }
 
     /// Bumped whenever a database is swapped: an answer from an older generation
-    /// may be stale.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+    /// may be stale. Starts at 1.
+    pub fn generation(&self) -> NonZeroU64 {
+        NonZeroU64::new(self.generation.load(Ordering::Acquire)).unwrap_or(NonZeroU64::MIN)
     }
 
     /// What the databases know about `ip`. Never fails: unknown addresses,

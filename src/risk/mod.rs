@@ -1,7 +1,8 @@
 //! The risk engine. [`evaluate`] is a pure function of (rule set, request
 //! context, session view, time) → [`Evaluation`]: no I/O, no clock reads. Its
-//! one piece of state is the rate limiters handed to it, which are driven by the
-//! same injected clock the caller used to stamp the request.
+//! one piece of state is the rate quotas handed to it (the rate limiters, and
+//! the session's own quotas of `sid` rules), which are driven by the same
+//! injected clock the caller used to stamp the request.
 
 pub mod cases;
 pub mod detectors;
@@ -254,19 +255,21 @@ const DEFAULT_REVOKE_MESSAGE: &str =
     "For your security this session has been ended. Please sign in again.";
 const DEFAULT_DENY_MESSAGE: &str = "Too many requests. Please wait a moment and try again.";
 
-/// Scores one request. Pure apart from the rate limiters (see the module doc).
+/// Scores one request. Pure apart from the rate limiters and the session's own
+/// quotas (see the module doc).
 pub fn evaluate(
     rules: &RuleSet,
     limiters: &RateLimiters,
     ctx: &RequestContext<'_>,
     view: &SessionView<'_>,
+    quotas: &mut rate::SessionQuotas,
 ) -> Evaluation {
     let mut hits: Vec<(&Rule, Hit)> = Vec::new();
     for rule in &rules.rules {
         if rule.mode == Mode::Off || !rule.in_scope(ctx.method, ctx.path) {
             continue;
         }
-        if let Some(hit) = detectors::run(rule, limiters, ctx, view) {
+        if let Some(hit) = detectors::run(rule, limiters, ctx, view, quotas) {
             hits.push((rule, hit));
         }
     }

@@ -1,19 +1,31 @@
-//! Keyed GCRA quotas (governor) for `rate` rules, on the injected clock. Memory
-//! is bounded: idle keys are dropped by [`RateLimiters::maintain`], and a limiter
+//! GCRA quotas (governor) for `rate` rules, on the injected clock.
+//!
+//! A quota counted by session (`key = "sid"`) keeps its state in the session's own
+//! state ([`SessionQuotas`]), which the request has already looked up and locked:
+//! governor runs its GCRA on that cell through [`SessionCells`], a state store of
+//! ours, so such a quota costs no lookup in a shared map, no copy of the session id
+//! as a key, and no key to prune. Its state lives and goes with the session's state
+//! in memory.
+//!
+//! Every other quota (`jti`, `sub`, `ip`) is keyed in governor's own map. Memory is
+//! bounded: idle keys are dropped by [`RateLimiters::maintain`], and a limiter
 //! found at its key cap is pruned before it takes more keys. The cap is looked at
 //! once every [`CAP_CHECK_EVERY`] checks (counting keys takes every shard's lock),
 //! so a limiter may pass it by that many keys.
 
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::Clock as GovernorClock;
 use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::StateStore;
 use governor::state::keyed::DashMapStateStore;
-use governor::{Quota, RateLimiter};
+use governor::{NotUntil, Quota, RateLimiter};
 
 use super::rules::Rate;
 use crate::ConcurrentMap;
@@ -53,6 +65,109 @@ type Keyed = RateLimiter<
     NoOpMiddleware<Duration>,
 >;
 
+/// One session's GCRA state for one quota: governor's theoretical arrival time, in
+/// nanoseconds since its limiter started (0: never measured), as governor's own
+/// `InMemoryState` keeps it.
+///
+/// It is the key of a [`SessionLimiter`], because governor hands a keyed store the
+/// key it was asked about: that key is the cell itself. governor's keyed limiters
+/// require keys to be `Clone + Eq + Hash`; these are by the stored value (never
+/// used: [`SessionCells`] neither clones, compares nor hashes its keys).
+#[derive(Debug, Default)]
+pub struct QuotaCell(AtomicU64);
+
+impl Clone for QuotaCell {
+    fn clone(&self) -> Self {
+        Self(AtomicU64::new(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+impl PartialEq for QuotaCell {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.load(Ordering::Relaxed) == other.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Eq for QuotaCell {}
+
+impl Hash for QuotaCell {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.load(Ordering::Relaxed).hash(state);
+    }
+}
+
+/// governor's state store for quotas kept in the sessions: the state of a key is
+/// the key's own cell. The update is governor's `InMemoryState`'s: a
+/// compare-and-swap loop on the cell (the session's lock already serialises its
+/// requests, so the loop runs once).
+#[derive(Debug, Default)]
+pub struct SessionCells;
+
+impl StateStore for SessionCells {
+    type Key = QuotaCell;
+
+    fn measure_and_replace<T, F, E>(&self, key: &QuotaCell, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut prev = key.0.load(Ordering::Acquire);
+        loop {
+            let (result, next) = f(NonZeroU64::new(prev).map(|n| Nanos::from(n.get())))?;
+            match key.0.compare_exchange_weak(
+                prev,
+                next.into(),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(result),
+                Err(now) => prev = now,
+            }
+        }
+    }
+}
+
+type SessionLimiter = RateLimiter<QuotaCell, SessionCells, LimiterClock, NoOpMiddleware<Duration>>;
+
+/// A session's quota of a `sid` rule, kept in the session's state: one cell,
+/// owned by the limiter of the first `sid` rule that checks the session (the
+/// default rule set has one). A rule whose parameters change gets a new limiter,
+/// which takes the cell over and starts afresh, as keyed quotas do; a session
+/// checked by a second `sid` rule is counted for that one in the limiter's keyed
+/// map. 16 bytes, in the session's own allocation.
+#[derive(Debug, Clone, Default)]
+pub struct SessionQuotas {
+    /// The limiter whose quota the cell holds (none yet: dangling). Weak, so a
+    /// replaced limiter is freed and its cell seen to be free.
+    owner: std::sync::Weak<Limiter>,
+    cell: QuotaCell,
+}
+
+impl PartialEq for SessionQuotas {
+    fn eq(&self, other: &Self) -> bool {
+        self.owner.ptr_eq(&other.owner) && self.cell == other.cell
+    }
+}
+
+impl SessionQuotas {
+    /// The session's cell for `limiter`: its own, or free (then taken and reset),
+    /// else `None` (held by another live limiter).
+    fn cell_for(&mut self, limiter: &Arc<Limiter>) -> Option<&QuotaCell> {
+        if !std::ptr::eq(self.owner.as_ptr(), Arc::as_ptr(limiter)) {
+            if self.owner.strong_count() > 0 {
+                return None;
+            }
+            self.owner = Arc::downgrade(limiter);
+            self.cell = QuotaCell::default();
+        }
+        Some(&self.cell)
+    }
+
+    /// Whether a limiter's quota is held here.
+    pub fn is_held(&self) -> bool {
+        self.owner.strong_count() > 0
+    }
+}
+
 /// How many checks a limiter takes between two looks at its key count.
 pub const CAP_CHECK_EVERY: u32 = 64;
 
@@ -60,6 +175,8 @@ pub const CAP_CHECK_EVERY: u32 = 64;
 struct Limiter {
     params: Params,
     keyed: Keyed,
+    /// The same quota, on cells kept in the sessions (`sid` rules).
+    sessions: SessionLimiter,
     checks: AtomicU32,
 }
 
@@ -69,6 +186,11 @@ pub struct RateLimiters {
     /// By rule id.
     limiters: ConcurrentMap<String, Arc<Limiter>>,
     max_keys: usize,
+}
+
+/// The cells of a request's cost (at least one).
+fn cells(cost: u32) -> NonZeroU32 {
+    NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN)
 }
 
 impl RateLimiters {
@@ -97,6 +219,7 @@ impl RateLimiters {
                 LimiterClock(self.clock.clone()),
                 ahash::RandomState::new(),
             ),
+            sessions: RateLimiter::new(quota, SessionCells, LimiterClock(self.clock.clone())),
             checks: AtomicU32::new(0),
         });
         self.limiters
@@ -117,8 +240,35 @@ impl RateLimiters {
         {
             limiter.keyed.retain_recent();
         }
-        let n = NonZeroU32::new(cost.max(1)).unwrap_or(NonZeroU32::MIN);
-        match limiter.keyed.check_key_n(&key, n) {
+        self.answer(rate, limiter.keyed.check_key_n(&key, cells(cost)))
+    }
+
+    /// [`Self::check`] for a quota counted by session, on the session's own cell.
+    pub fn check_session(
+        &self,
+        rule_id: &str,
+        rate: &Rate,
+        sid: &str,
+        quotas: &mut SessionQuotas,
+        cost: u32,
+    ) -> Result<(), u64> {
+        let Some(limiter) = self.limiter(rule_id, rate) else {
+            return Ok(());
+        };
+        match quotas.cell_for(&limiter) {
+            Some(cell) => self.answer(rate, limiter.sessions.check_key_n(cell, cells(cost))),
+            // The session's cell counts another `sid` rule: this one is kept here.
+            None => self.check(rule_id, rate, LimitKey::Id(sid.into()), cost),
+        }
+    }
+
+    /// `Ok`, or the whole seconds until the request would fit.
+    fn answer(
+        &self,
+        rate: &Rate,
+        checked: Result<Result<(), NotUntil<Duration>>, governor::InsufficientCapacity>,
+    ) -> Result<(), u64> {
+        match checked {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(LimiterClock(self.clock.clone()).now());
@@ -137,7 +287,8 @@ impl RateLimiters {
         }
     }
 
-    /// Keys held across all limiters.
+    /// Keys held across all limiters (quotas counted by session are held by the
+    /// sessions, not here).
     pub fn keys(&self) -> usize {
         self.limiters.iter().map(|l| l.keyed.len()).sum()
     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::rate::SessionQuotas;
 use super::{
     Decision, Evaluation, Observation, RateLimiters, RequestContext, RuleSet, SessionView, evaluate,
 };
@@ -32,7 +33,7 @@ pub struct SessionState {
     /// The user message of the decision that asked for re-authentication: what the
     /// user is told on every request until they re-authenticate.
     #[serde(default)]
-    pub step_up_message: Option<String>,
+    pub step_up_message: Option<Box<str>>,
     /// The last request that was let through (or the sign-in): where the session's
     /// owner was last seen for sure. Refused requests never move it, so a thief's
     /// request from afar does not make the owner's next request look like travel.
@@ -54,7 +55,11 @@ pub struct SessionState {
     /// (none until the live monitor enriched one): while it holds, a request from
     /// the same address and browser reuses that enrichment.
     #[serde(skip)]
-    pub enriched_by: Option<u64>,
+    pub enriched_by: Option<std::num::NonZeroU64>,
+    /// The session's quotas of `sid` rate rules (in memory only: a session loaded
+    /// again starts them afresh).
+    #[serde(skip)]
+    pub quotas: SessionQuotas,
 }
 
 impl SessionState {
@@ -174,13 +179,13 @@ pub fn assess(
             step_up: session.step_up,
             step_up_message: session.step_up_message.as_deref(),
         };
-        evaluate(rules, limiters, ctx, &view)
+        evaluate(rules, limiters, ctx, &view, &mut session.quotas)
     };
     session.risk = evaluation.session_risk;
     session.risk_at_ms = ctx.at_ms;
     if evaluation.decision == Decision::StepUp && !session.step_up {
         session.step_up = true;
-        session.step_up_message = evaluation.user_message.clone();
+        session.step_up_message = evaluation.user_message.as_deref().map(Box::from);
     }
     let observation = Observation {
         at_ms: ctx.at_ms,
@@ -208,6 +213,20 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::risk::decayed_risk;
     use crate::risk::detectors::fixtures::*;
+
+    #[test]
+    fn a_sessions_state_with_its_quota_is_no_larger_than_before_it() {
+        // Boxed in the live monitor, a million sessions within 1 KiB each
+        // (BENCHMARKS.md): the session's `sid` quota (16 bytes) took the room of
+        // what was shortened for it (`enriched_by`, `step_up_message`), so the
+        // state is 152 bytes, as before the quota moved into it.
+        assert_eq!(std::mem::size_of::<SessionQuotas>(), 16);
+        assert!(
+            std::mem::size_of::<SessionState>() <= 152,
+            "{} bytes",
+            std::mem::size_of::<SessionState>()
+        );
+    }
 
     fn rules() -> RuleSet {
         RuleSet::parse(

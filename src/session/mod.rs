@@ -745,20 +745,20 @@ impl SessionService {
         {
             return Ok((Verdict::Revoked(claims, by), None));
         }
-        if !self.ensure_loaded(&claims.sid, &claims.sub).await? {
-            return Ok((Verdict::Revoked(claims, RevokedBy::Session), None));
-        }
         let ids = (
             claims.jti.as_str(),
             claims.sid.as_str(),
             claims.sub.as_str(),
         );
+        // The session's state is looked up once: the assessment finds it in memory
+        // (nearly always), or it is loaded from the store and assessed then.
         let assessment = match self
             .monitor
             .assess(RequestKind::Request, ids, request, false)
         {
             Some(a) => a,
-            // The state was dropped in between (a change from the feed): load it again.
+            // Not in memory: the session's first request on this node, or its state
+            // was evicted or dropped by a change from the feed.
             None => {
                 if !self.ensure_loaded(&claims.sid, &claims.sub).await? {
                     return Ok((Verdict::Revoked(claims, RevokedBy::Session), None));

@@ -10,24 +10,27 @@ mod referrer;
 mod refresh_reuse;
 mod ua_binding;
 
+use super::rate::SessionQuotas;
 use super::rules::{Detector, Rule};
 use super::{Hit, RateLimiters, RequestContext, SessionView};
 
 pub use geo_velocity::travel;
 
-/// Runs the rule's detector; `Some` when it fires.
+/// Runs the rule's detector; `Some` when it fires. `quotas` are the session's own
+/// (its `sid` rate quotas).
 pub fn run(
     rule: &Rule,
     limiters: &RateLimiters,
     ctx: &RequestContext<'_>,
     view: &SessionView<'_>,
+    quotas: &mut SessionQuotas,
 ) -> Option<Hit> {
     match &rule.detector {
         Detector::IpBinding(p) => ip_binding::evaluate(p, ctx, view),
         Detector::UaBinding(p) => ua_binding::evaluate(p, ctx, view),
         Detector::GeoVelocity(p) => geo_velocity::evaluate(p, ctx, view),
         Detector::NewLocation(p) => new_location::evaluate(p, ctx, view),
-        Detector::Rate(p) => rate::evaluate(&rule.id, p, limiters, ctx),
+        Detector::Rate(p) => rate::evaluate(&rule.id, p, limiters, ctx, quotas),
         Detector::Referrer(p) => referrer::evaluate(p, ctx),
         Detector::ConcurrentUse(p) => concurrent_use::evaluate(p, ctx, view),
         Detector::RefreshReuse(p) => refresh_reuse::evaluate(p, ctx),

@@ -1,16 +1,17 @@
 //! `rate`: a keyed quota per `jti`, `sid`, `sub` or client IP (IPv6 by /64),
 //! optionally scoped by the rule's paths and methods, weighted by the request's
-//! cost. Fires with the seconds until the request would fit.
+//! cost. Fires with the seconds until the request would fit. A quota per `sid`
+//! is counted in the session's own state (see [`crate::risk::rate`]).
 
 use std::net::{IpAddr, Ipv6Addr};
 
 use super::hit;
-use crate::risk::rate::LimitKey;
+use crate::risk::rate::{LimitKey, SessionQuotas};
 use crate::risk::rules::{Rate, RateKey};
 use crate::risk::{Hit, RateLimiters, RequestContext};
 
 /// `None` for a key the request has none of (a refresh has no jti: a jti quota
-/// does not apply, it would be one shared bucket).
+/// does not apply, it would be one shared bucket). Not for `sid` quotas.
 fn key(p: &Rate, ctx: &RequestContext<'_>) -> Option<LimitKey> {
     let id = match p.key {
         RateKey::Jti => ctx.jti,
@@ -34,10 +35,17 @@ pub fn evaluate(
     p: &Rate,
     limiters: &RateLimiters,
     ctx: &RequestContext<'_>,
+    quotas: &mut SessionQuotas,
 ) -> Option<Hit> {
-    let key = key(p, ctx)?;
     let cost = if p.weighted { ctx.cost.max(1) } else { 1 };
-    let wait = limiters.check(rule_id, p, key, cost).err()?;
+    let checked = match p.key {
+        // The state scored is the session's: its quota is kept there.
+        RateKey::Sid if !ctx.sid.is_empty() => {
+            limiters.check_session(rule_id, p, ctx.sid, quotas, cost)
+        }
+        _ => limiters.check(rule_id, p, key(p, ctx)?, cost),
+    };
+    let wait = checked.err()?;
     let mut h = hit(
         ctx,
         format!(
@@ -82,25 +90,101 @@ mod tests {
     #[test]
     fn a_burst_over_the_quota_fires_until_the_quota_refills() {
         let (clock, limiters, at) = limiters();
+        let mut q = SessionQuotas::default();
         let p = quota(RateKey::Sid, 5, 10, true);
         let c = oslo();
         for _ in 0..5 {
-            assert!(evaluate("r", &p, &limiters, &ctx(&c, at)).is_none());
+            assert!(evaluate("r", &p, &limiters, &ctx(&c, at), &mut q).is_none());
         }
-        let h = evaluate("r", &p, &limiters, &ctx(&c, at)).unwrap();
+        let h = evaluate("r", &p, &limiters, &ctx(&c, at), &mut q).unwrap();
         assert_eq!(h.retry_after, Some(2));
         clock.advance(Duration::from_secs(2));
-        assert!(evaluate("r", &p, &limiters, &ctx(&c, at)).is_none());
+        assert!(evaluate("r", &p, &limiters, &ctx(&c, at), &mut q).is_none());
         // A request costing more than the burst can never fit.
         let mut heavy = ctx(&c, at);
         heavy.cost = 50;
-        assert!(evaluate("r", &p, &limiters, &heavy).is_some());
+        assert!(evaluate("r", &p, &limiters, &heavy, &mut q).is_some());
+        // Counted in the session's own state, not as a key of the shared limiter.
+        assert_eq!(limiters.keys(), 0);
+        assert!(q.is_held());
+    }
+
+    #[test]
+    fn a_session_quota_counts_the_session_it_is_kept_in_and_no_other() {
+        let (_clock, limiters, at) = limiters();
+        let p = quota(RateKey::Sid, 2, 60, false);
+        let c = oslo();
+        let (mut mine, mut other) = (SessionQuotas::default(), SessionQuotas::default());
+        for _ in 0..2 {
+            assert!(evaluate("r", &p, &limiters, &ctx(&c, at), &mut mine).is_none());
+        }
+        let h = evaluate("r", &p, &limiters, &ctx(&c, at), &mut mine).unwrap();
+        assert_eq!(h.retry_after, Some(30));
+        // Another session (its own state) has its whole quota.
+        assert!(evaluate("r", &p, &limiters, &ctx(&c, at), &mut other).is_none());
+        // A second `sid` rule is counted in the shared map, the first one stays.
+        let q2 = quota(RateKey::Sid, 1, 60, false);
+        assert!(evaluate("r2", &q2, &limiters, &ctx(&c, at), &mut mine).is_none());
+        assert!(evaluate("r2", &q2, &limiters, &ctx(&c, at), &mut mine).is_some());
+        assert!(evaluate("r", &p, &limiters, &ctx(&c, at), &mut mine).is_some());
         assert_eq!(limiters.keys(), 1);
+        assert!(mine.is_held());
+    }
+
+    #[test]
+    fn a_session_quota_whose_rule_changed_starts_afresh_and_drops_the_old_cell() {
+        let (_clock, limiters, at) = limiters();
+        let c = oslo();
+        let mut q = SessionQuotas::default();
+        let before = quota(RateKey::Sid, 1, 60, false);
+        assert!(evaluate("r", &before, &limiters, &ctx(&c, at), &mut q).is_none());
+        assert!(evaluate("r", &before, &limiters, &ctx(&c, at), &mut q).is_some());
+        // The rule file now allows 3 a minute: a new quota, not the spent one.
+        let after = quota(RateKey::Sid, 3, 60, false);
+        for _ in 0..3 {
+            assert!(evaluate("r", &after, &limiters, &ctx(&c, at), &mut q).is_none());
+        }
+        assert!(evaluate("r", &after, &limiters, &ctx(&c, at), &mut q).is_some());
+        assert_eq!(
+            limiters.keys(),
+            0,
+            "the new limiter took the session's cell over"
+        );
+    }
+
+    #[test]
+    fn a_session_quota_and_a_keyed_one_answer_alike() {
+        // The same quota, counted by session (in the session) and by subject (in
+        // governor's keyed map), over the same requests and times.
+        let (clock, limiters, at) = limiters();
+        let c = oslo();
+        let mut q = SessionQuotas::default();
+        let by_sid = quota(RateKey::Sid, 4, 10, true);
+        let by_sub = quota(RateKey::Sub, 4, 10, true);
+        for (step, cost, advance_ms) in [
+            (0, 1, 0),
+            (1, 2, 0),
+            (2, 1, 0),
+            (3, 1, 1200),
+            (4, 3, 0),
+            (5, 1, 2500),
+            (6, 9, 0),
+            (7, 1, 0),
+        ] {
+            let mut r = ctx(&c, at);
+            r.cost = cost;
+            let a = evaluate("sid", &by_sid, &limiters, &r, &mut q).map(|h| h.retry_after);
+            let b = evaluate("sub", &by_sub, &limiters, &r, &mut SessionQuotas::default())
+                .map(|h| h.retry_after);
+            assert_eq!(a, b, "step {step}");
+            clock.advance(Duration::from_millis(advance_ms));
+        }
     }
 
     #[test]
     fn an_ipv6_quota_counts_a_whole_64_and_an_ipv4_quota_one_address() {
         let (_clock, limiters, at) = limiters();
+        let mut q = SessionQuotas::default();
         let p = quota(RateKey::Ip, 2, 60, false);
         let from = |ip: &str| {
             let mut c = (*oslo()).clone();
@@ -108,32 +192,33 @@ mod tests {
             Arc::new(c)
         };
         let (a, b) = (from("2001:db8:1:2::1"), from("2001:db8:1:2:ffff::9"));
-        assert!(evaluate("r", &p, &limiters, &ctx(&a, at)).is_none());
-        assert!(evaluate("r", &p, &limiters, &ctx(&b, at)).is_none());
+        assert!(evaluate("r", &p, &limiters, &ctx(&a, at), &mut q).is_none());
+        assert!(evaluate("r", &p, &limiters, &ctx(&b, at), &mut q).is_none());
         // A third request from the same /64, whichever host sends it, is over.
-        assert!(evaluate("r", &p, &limiters, &ctx(&a, at)).is_some());
+        assert!(evaluate("r", &p, &limiters, &ctx(&a, at), &mut q).is_some());
         // The next /64 has its own quota.
         let next = from("2001:db8:1:3::1");
-        assert!(evaluate("r", &p, &limiters, &ctx(&next, at)).is_none());
+        assert!(evaluate("r", &p, &limiters, &ctx(&next, at), &mut q).is_none());
         // IPv4 addresses count one by one, even in one /24.
         let (v4a, v4b) = (from("198.51.100.7"), from("198.51.100.8"));
         for _ in 0..2 {
-            assert!(evaluate("r", &p, &limiters, &ctx(&v4a, at)).is_none());
+            assert!(evaluate("r", &p, &limiters, &ctx(&v4a, at), &mut q).is_none());
         }
-        assert!(evaluate("r", &p, &limiters, &ctx(&v4a, at)).is_some());
-        assert!(evaluate("r", &p, &limiters, &ctx(&v4b, at)).is_none());
+        assert!(evaluate("r", &p, &limiters, &ctx(&v4a, at), &mut q).is_some());
+        assert!(evaluate("r", &p, &limiters, &ctx(&v4b, at), &mut q).is_none());
         assert_eq!(limiters.keys(), 4);
     }
 
     #[test]
     fn a_jti_quota_does_not_apply_to_a_request_without_a_jti() {
         let (_clock, limiters, at) = limiters();
+        let mut q = SessionQuotas::default();
         let p = quota(RateKey::Jti, 1, 60, false);
         let c = oslo();
         let mut refresh = ctx(&c, at);
         refresh.jti = "";
         for _ in 0..3 {
-            assert!(evaluate("r", &p, &limiters, &refresh).is_none());
+            assert!(evaluate("r", &p, &limiters, &refresh, &mut q).is_none());
         }
         assert_eq!(limiters.keys(), 0);
     }
