@@ -440,16 +440,19 @@ impl Monitor {
             .collect()
     }
 
-    /// Drops idle rate-limiter keys; call periodically.
     /// Drops idle rate-limiter keys, and the state of sessions not seen since
     /// `idle_before_ms` (their tokens have expired; a refresh reloads them from the
-    /// store), and of users with no session left in memory. Call periodically.
+    /// store) unless their own rate quota has yet to refill, and of users with no
+    /// session left in memory. Call periodically.
     pub fn maintain(&self, idle_before_ms: i64) {
         self.limiters.maintain();
+        let holds_back = self.limiters.holds_back();
         self.sessions.retain(|id, s| {
             s.unsaved
                 || self.dirty.contains_key(id)
                 || s.recent.back().is_some_and(|o| o.at_ms >= idle_before_ms)
+                // Forgotten now, a long quota would start afresh at its next request.
+                || holds_back(&s.quotas)
         });
         let subjects: std::collections::HashSet<Arc<str>> =
             self.sessions.iter().map(|s| s.subject.clone()).collect();
@@ -501,6 +504,44 @@ mod tests {
         monitor.maintain(clock.now_millis() - 330_000);
         assert!(!monitor.knows("idle") && !monitor.knows_user("alice"));
         assert!(monitor.knows("busy") && monitor.knows_user("bob"));
+    }
+
+    #[test]
+    fn an_idle_session_stays_in_memory_until_its_own_quota_has_refilled() {
+        let clock = Arc::new(ManualClock::at(1_800_000_000));
+        let enricher =
+            Enricher::new(EnrichConfig::default(), Arc::new(UaParser::new().unwrap())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules.toml");
+        std::fs::write(
+            &rules,
+            "[[rule]]\nid = \"hourly\"\naction = \"deny\"\n\
+             rate = { key = \"sid\", limit = 2, per = \"1h\", burst = 2 }\n",
+        )
+        .unwrap();
+        let monitor = Monitor::new(Some(rules), Arc::new(enricher), clock.clone()).unwrap();
+        let client = monitor.enrich("192.0.2.1".parse().unwrap(), "curl/8");
+        monitor.bind("s", "alice", client);
+        let request = RequestInfo::default();
+        let denied = || {
+            monitor
+                .assess(RequestKind::Request, ("j", "s", "alice"), &request, false)
+                .expect("in memory")
+                .evaluation
+                .retry_after
+                .is_some()
+        };
+        assert!(!denied() && !denied() && denied(), "two an hour");
+        let _ = monitor.take_dirty(true);
+        // Idle for ten minutes: past the idle window, not past the quota's hour.
+        clock.advance(std::time::Duration::from_secs(600));
+        monitor.maintain(clock.now_millis() - 330_000);
+        assert!(monitor.knows("s"), "kept while its quota has not refilled");
+        assert!(denied(), "the quota did not start afresh");
+        let _ = monitor.take_dirty(true);
+        clock.advance(std::time::Duration::from_secs(3600));
+        monitor.maintain(clock.now_millis() - 330_000);
+        assert!(!monitor.knows("s"), "refilled and idle: forgotten");
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! A quota counted by session (`key = "sid"`) keeps its state in the session's own
 //! state ([`SessionQuotas`]), which the request has already looked up and locked:
 //! governor runs its GCRA on that cell through [`SessionCells`], a state store of
-//! ours, so such a quota costs no lookup in a shared map, no copy of the session id
-//! as a key, and no key to prune. Its state lives and goes with the session's state
-//! in memory.
+//! ours, so such a quota costs no lookup of the session in a shared keyed map, no
+//! copy of the session id as a key, and no key to prune. The session's state stays
+//! in memory while its quota has not refilled ([`RateLimiters::holds_back`]).
 //!
 //! Every other quota (`jti`, `sub`, `ip`) is keyed in governor's own map. Memory is
 //! bounded: idle keys are dropped by [`RateLimiters::maintain`], and a limiter
@@ -131,9 +131,9 @@ type SessionLimiter = RateLimiter<QuotaCell, SessionCells, LimiterClock, NoOpMid
 /// A session's quota of a `sid` rule, kept in the session's state: one cell,
 /// owned by the limiter of the first `sid` rule that checks the session (the
 /// default rule set has one). A rule whose parameters change gets a new limiter,
-/// which takes the cell over and starts afresh, as keyed quotas do; a session
-/// checked by a second `sid` rule is counted for that one in the limiter's keyed
-/// map. 16 bytes, in the session's own allocation.
+/// which takes its predecessor's cell over and starts afresh, as keyed quotas do;
+/// any other `sid` rule is counted in its limiter's keyed map. 16 bytes, in the
+/// session's own allocation.
 #[derive(Debug, Clone, Default)]
 pub struct SessionQuotas {
     /// The limiter whose quota the cell holds (none yet: dangling). Weak, so a
@@ -149,11 +149,14 @@ impl PartialEq for SessionQuotas {
 }
 
 impl SessionQuotas {
-    /// The session's cell for `limiter`: its own, or free (then taken and reset),
-    /// else `None` (held by another live limiter).
+    /// The session's cell for `limiter`: its own; or, taken and reset, a cell no
+    /// limiter has used or one the limiter's replaced predecessor held; else
+    /// `None` (another rule's).
     fn cell_for(&mut self, limiter: &Arc<Limiter>) -> Option<&QuotaCell> {
         if !std::ptr::eq(self.owner.as_ptr(), Arc::as_ptr(limiter)) {
-            if self.owner.strong_count() > 0 {
+            let unused = self.owner.ptr_eq(&std::sync::Weak::new());
+            let inherited = self.owner.strong_count() == 0 && self.owner.ptr_eq(&limiter.replaces);
+            if !(unused || inherited) {
                 return None;
             }
             self.owner = Arc::downgrade(limiter);
@@ -166,6 +169,16 @@ impl SessionQuotas {
     pub fn is_held(&self) -> bool {
         self.owner.strong_count() > 0
     }
+
+    /// Whether the quota held here has not refilled at `now` (the limiters'
+    /// clock): forgetting it would give the session a fresh quota early.
+    fn pending(&self, now: Duration) -> bool {
+        let Some(owner) = self.owner.upgrade() else {
+            return false;
+        };
+        let tat = self.cell.0.load(Ordering::Acquire);
+        tat != 0 && owner.start.saturating_add(Duration::from_nanos(tat)) > now
+    }
 }
 
 /// How many checks a limiter takes between two looks at its key count.
@@ -177,6 +190,12 @@ struct Limiter {
     keyed: Keyed,
     /// The same quota, on cells kept in the sessions (`sid` rules).
     sessions: SessionLimiter,
+    /// The clock when `sessions` had started (read just after governor's own
+    /// start, so a cell's time measured from here is never early).
+    start: Duration,
+    /// The limiter this one replaced (the rule's parameters changed): the sessions'
+    /// cells it held pass to this one.
+    replaces: std::sync::Weak<Limiter>,
     checks: AtomicU32,
 }
 
@@ -212,6 +231,12 @@ impl RateLimiters {
         // New rule, or its parameters changed on reload: start afresh.
         let period = rate.per.checked_div(rate.limit)?;
         let quota = Quota::with_period(period)?.allow_burst(NonZeroU32::new(rate.burst)?);
+        let replaces = self
+            .limiters
+            .get(rule_id)
+            .map(|l| Arc::downgrade(&l))
+            .unwrap_or_default();
+        let sessions = RateLimiter::new(quota, SessionCells, LimiterClock(self.clock.clone()));
         let limiter = Arc::new(Limiter {
             params,
             keyed: RateLimiter::dashmap_with_clock_and_hasher(
@@ -219,7 +244,9 @@ impl RateLimiters {
                 LimiterClock(self.clock.clone()),
                 ahash::RandomState::new(),
             ),
-            sessions: RateLimiter::new(quota, SessionCells, LimiterClock(self.clock.clone())),
+            sessions,
+            start: LimiterClock(self.clock.clone()).now(),
+            replaces,
             checks: AtomicU32::new(0),
         });
         self.limiters
@@ -277,6 +304,13 @@ impl RateLimiters {
             // More than the burst in one request: it can never fit.
             Err(_) => Err(rate.per.as_secs().max(1)),
         }
+    }
+
+    /// Whether a session's state must stay in memory for its own quota: it has
+    /// not refilled yet, and a state loaded again would start it afresh.
+    pub fn holds_back(&self) -> impl Fn(&SessionQuotas) -> bool + use<> {
+        let now = LimiterClock(self.clock.clone()).now();
+        move |quotas| quotas.pending(now)
     }
 
     /// Drops keys whose quota has fully refilled; call periodically.

@@ -153,6 +153,29 @@ mod tests {
     }
 
     #[test]
+    fn changing_one_sid_rule_never_resets_another() {
+        let (_clock, limiters, at) = limiters();
+        let c = oslo();
+        let mut q = SessionQuotas::default();
+        let (a1, b) = (
+            quota(RateKey::Sid, 1, 60, false),
+            quota(RateKey::Sid, 1, 60, false),
+        );
+        // `a` checks the session first and holds its cell; `b` is keyed.
+        assert!(evaluate("a", &a1, &limiters, &ctx(&c, at), &mut q).is_none());
+        assert!(evaluate("b", &b, &limiters, &ctx(&c, at), &mut q).is_none());
+        // `a` changes; `b` runs first on the next request and is still spent.
+        let a2 = quota(RateKey::Sid, 2, 60, false);
+        assert!(evaluate("b", &b, &limiters, &ctx(&c, at), &mut q).is_some());
+        // `a`'s new limiter inherits the cell and starts afresh.
+        assert!(evaluate("a", &a2, &limiters, &ctx(&c, at), &mut q).is_none());
+        assert!(evaluate("a", &a2, &limiters, &ctx(&c, at), &mut q).is_none());
+        assert!(evaluate("a", &a2, &limiters, &ctx(&c, at), &mut q).is_some());
+        assert!(evaluate("b", &b, &limiters, &ctx(&c, at), &mut q).is_some());
+        assert_eq!(limiters.keys(), 1, "only `b`'s key");
+    }
+
+    #[test]
     fn a_session_quota_and_a_keyed_one_answer_alike() {
         // The same quota, counted by session (in the session) and by subject (in
         // governor's keyed map), over the same requests and times.
