@@ -38,7 +38,7 @@ fn stored(e: Event) -> Option<StoredEvent> {
     serde_json::to_writer(&mut line, &e).ok()?;
     let mut event = String::from_utf8(line).ok()?;
     if event.contains("\\u0000") {
-        event = event.replace("\\u0000", "\\ufffd");
+        event = without_nul_escapes(&event);
     }
     Some(StoredEvent {
         ts_ms: parse_ms(&e.ts)?,
@@ -51,6 +51,29 @@ fn stored(e: Event) -> Option<StoredEvent> {
         }),
         event,
     })
+}
+
+/// A JSON line with each escaped NUL (`\u0000`) written as U+FFFD (`\ufffd`). Only
+/// an escape is rewritten: a backslash escaped as `\\` followed by the text `u0000`
+/// is the value's own text and stays.
+fn without_nul_escapes(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        if let Some(after) = rest.strip_prefix("\\u0000") {
+            out.push_str("\\ufffd");
+            rest = after;
+        } else {
+            // An escape is a backslash and the character after it, copied whole.
+            let end = 1 + rest[1..].chars().next().map_or(0, char::len_utf8);
+            out.push_str(&rest[..end]);
+            rest = &rest[end..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What happened.
@@ -724,5 +747,19 @@ mod tests {
         assert_eq!(s.subject.as_deref(), Some("al\u{fffd}ice"));
         assert_eq!(s.session_id.as_deref(), Some("s\u{fffd}"));
         assert!(!s.event.contains("\\u0000") && s.event.contains("al\\ufffdice"));
+    }
+
+    #[test]
+    fn text_that_only_looks_like_an_escaped_nul_is_kept() {
+        // The subject is a backslash and `u0000`, with a real NUL after it.
+        let e = Event::new(EventKind::Request, 0).session("s", "\\u0000\0é\\");
+        let s = stored(e).expect("storable");
+        let line: serde_json::Value = serde_json::from_str(&s.event).unwrap();
+        assert_eq!(line["subject"], "\\u0000\u{fffd}é\\");
+        assert_eq!(s.subject.as_deref(), Some("\\u0000\u{fffd}é\\"));
+        assert_eq!(
+            without_nul_escapes(r#"\\\u0000\"\u00e9"#),
+            r#"\\\ufffd\"\u00e9"#
+        );
     }
 }

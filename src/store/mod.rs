@@ -2,6 +2,7 @@
 //! database ([`sql`]). Only this module holds SQL. Every method that changes state
 //! commits before it returns, so the API never acknowledges what is not durable.
 
+mod audit;
 mod sql;
 
 use std::sync::Arc;
@@ -42,6 +43,12 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("cannot encode a change: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("cannot compress audit events: {0}")]
+    Compress(std::io::Error),
+    #[error("cannot set up the audit log's compression: {0}")]
+    Compressor(std::io::Error),
+    #[error("the audit log's row {id} cannot be read: {why}")]
+    AuditRow { id: i64, why: String },
     #[error("unsupported database URL (use sqlite://… or postgres://…)")]
     UnsupportedUrl,
     #[error("cannot create the database folder {path}: {source}")]
@@ -317,7 +324,9 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_events(&self, events: Arc<[StoredEvent]>) -> Result<(), StoreError>;
     /// Events matching the filter, oldest first, as (time ms, id, JSON line).
     async fn events(&self, filter: &EventFilter) -> Result<Vec<(i64, i64, String)>, StoreError>;
-    /// Deletes events older than `before_ms`; returns how many.
+    /// Deletes events older than `before_ms`; returns how many. SQLite keeps a batch
+    /// of events to a row and deletes a row once all of its events are older (a row
+    /// spans at most a minute).
     async fn prune_events(&self, before_ms: i64) -> Result<u64, StoreError>;
     /// The newest change's sequence number (0 when there is none).
     async fn head_change(&self) -> Result<i64, StoreError>;

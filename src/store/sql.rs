@@ -13,6 +13,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use super::audit;
 use super::{
     EventFilter, LastSeen, NewRefresh, ReauthRequest, RefreshRecord, RevokedJti, RotateAction,
     RotateOutcome, RotateRequest, SessionRecord, Store, StoreError, StoredEvent, classify_refresh,
@@ -63,42 +64,28 @@ const POSTGRES: Dialect = Dialect {
          WHERE sessions.session_id = b.s AND sessions.last_seen_at <= b.a",
 };
 
-/// Audit events on PostgreSQL: one statement per batch, a JSON array bound to `$1`.
-/// (SQLite binds each event to a prepared statement instead: [`EventLog`].)
+/// Audit events on PostgreSQL: a row per event, one statement per batch, a JSON array
+/// bound to `$1`. PostgreSQL serves the events query's subject and session filters
+/// from its indexes, and its writes run on the database server, not beside request
+/// handling. (SQLite stores a batch to a row instead: [`audit`], [`EventLog`].)
 const PG_INSERT_EVENTS: &str = "INSERT INTO events (ts_ms, kind, session_id, subject, decision, event) \
      SELECT (e->>'t')::BIGINT, e->>'k', e->>'s', e->>'u', e->>'d', e->>'e' \
      FROM json_array_elements($1::json) WITH ORDINALITY AS x(e, n) ORDER BY n";
 
-/// Audit events per multi-row insert on SQLite (one transaction per batch; what does
-/// not fill a group goes one row at a time). Measured with the audit log's rows
-/// (about 430 bytes each): 20 to 100 per statement cost about the same, and a quarter
-/// less than one per statement.
-const SQLITE_EVENTS_PER_STATEMENT: usize = 50;
-
-/// The insert of `rows` audit events, bound with [`sqlite_event_row`] per row.
-fn sqlite_insert_events(rows: usize) -> String {
-    format!(
-        "INSERT INTO events (ts_ms, kind, session_id, subject, decision, event) VALUES {}",
-        vec!["(?, ?, ?, ?, ?, ?)"; rows].join(", ")
-    )
-}
-
-static SQLITE_INSERT_EVENT: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| sqlite_insert_events(1));
-static SQLITE_INSERT_EVENT_GROUP: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| sqlite_insert_events(SQLITE_EVENTS_PER_STATEMENT));
-
-/// One audit event's values, in the order of [`sqlite_insert_events`]' columns.
-fn sqlite_event_row(e: &StoredEvent) -> [&dyn rusqlite::ToSql; 6] {
-    [
-        &e.ts_ms,
-        &e.kind,
-        &e.session_id,
-        &e.subject,
-        &e.decision,
-        &e.event,
-    ]
-}
+/// Audit events on SQLite: a batch to a row ([`audit`]).
+const SQLITE_INSERT_EVENT_ROW: &str = "INSERT INTO event_batches (first_ms, last_ms, events, encoding, lines) \
+     VALUES (?1, ?2, ?3, ?4, ?5)";
+/// The audit log's rows that can hold events at or after `$3` and before `$4`, in
+/// `(first_ms, id)` order after `($1, $2)`, a page at a time.
+const SQLITE_SELECT_EVENT_ROWS: &str = "SELECT id, first_ms, encoding, lines FROM event_batches \
+     WHERE (first_ms > $1 OR (first_ms = $1 AND id > $2)) AND first_ms < $4 AND last_ms >= $3 \
+     ORDER BY first_ms, id LIMIT $5";
+/// Audit rows read per query while the result is not complete.
+const SQLITE_EVENT_ROWS_PER_PAGE: i64 = 16;
+/// A row goes once all of its events are older than `$1` (`first_ms`, the index's
+/// column, bounds the search).
+const SQLITE_PRUNE_EVENT_ROWS: &str =
+    "DELETE FROM event_batches WHERE first_ms < $1 AND last_ms < $1 RETURNING events";
 
 /// Rows per bulk statement (a JSON array of this many objects).
 const BULK_ROWS: usize = 1000;
@@ -208,10 +195,10 @@ const RETIRE_USER_REFRESH: &str = "UPDATE refresh_tokens SET retired_at = $2, re
 const INSERT_REVOKED_JTI: &str = "INSERT INTO revoked_jti (jti, session_id, subject, exp, revoked_at, reason) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (jti) DO NOTHING";
 const INSERT_CHANGE: &str = "INSERT INTO changes (seq, change, created_at) \
      SELECT COALESCE(MAX(seq), 0) + 1, $1, $2 FROM changes RETURNING seq";
-const SELECT_EVENTS: &str = "SELECT ts_ms, id, event FROM events WHERE (ts_ms > $1 OR (ts_ms = $1 AND id > $8)) AND ts_ms >= $2 AND ts_ms < $3 \
+const PG_SELECT_EVENTS: &str = "SELECT ts_ms, id, event FROM events WHERE (ts_ms > $1 OR (ts_ms = $1 AND id > $8)) AND ts_ms >= $2 AND ts_ms < $3 \
      AND (CAST($4 AS TEXT) IS NULL OR subject = $4) AND (CAST($5 AS TEXT) IS NULL OR session_id = $5) \
      AND (CAST($6 AS TEXT) IS NULL OR decision = $6) ORDER BY ts_ms, id LIMIT $7";
-const PRUNE_EVENTS: &str = "DELETE FROM events WHERE ts_ms < $1";
+const PG_PRUNE_EVENTS: &str = "DELETE FROM events WHERE ts_ms < $1";
 const HEAD_CHANGE: &str = "SELECT COALESCE(MAX(seq), 0) FROM changes";
 const CHANGES_SINCE: &str = "SELECT seq, change FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2";
 const PRUNE_CHANGES: &str =
@@ -657,25 +644,11 @@ macro_rules! sql_store {
             }
 
             async fn events(&self, f: &EventFilter) -> Result<Vec<(i64, i64, String)>, StoreError> {
-                Ok(sqlx::query_as(SELECT_EVENTS)
-                    .bind(f.after.0)
-                    .bind(f.since_ms.unwrap_or(i64::MIN))
-                    .bind(f.until_ms.unwrap_or(i64::MAX))
-                    .bind(&f.subject)
-                    .bind(&f.session_id)
-                    .bind(&f.decision)
-                    .bind(f.limit)
-                    .bind(f.after.1)
-                    .fetch_all(&self.pool)
-                    .await?)
+                self.read_events(f).await
             }
 
             async fn prune_events(&self, before_ms: i64) -> Result<u64, StoreError> {
-                Ok(sqlx::query(PRUNE_EVENTS)
-                    .bind(before_ms)
-                    .execute(&self.pool)
-                    .await?
-                    .rows_affected())
+                self.delete_events(before_ms).await
             }
 
             async fn head_change(&self) -> Result<i64, StoreError> {
@@ -765,12 +738,18 @@ pub struct SqliteStore {
 }
 
 /// The audit log's writer on SQLite: a connection of its own, driven through SQLite's
-/// own API (rusqlite) on a blocking thread, each event bound to one prepared `INSERT`
-/// inside one transaction per batch. Through sqlx every statement is a round trip to
-/// the connection's thread, so a batch had to travel as one JSON array that SQLite
-/// then unpacked again, column by column (a third of the writer's time).
+/// own API (rusqlite) on a blocking thread, each batch stored as one row ([`audit`])
+/// in one transaction. Through sqlx every statement is a round trip to the
+/// connection's thread.
 struct EventLog {
-    conn: Arc<Mutex<rusqlite::Connection>>,
+    writer: Arc<Mutex<AuditWriter>>,
+}
+
+/// What the audit log's writer keeps between batches.
+struct AuditWriter {
+    conn: rusqlite::Connection,
+    /// zstd's context, kept: making one per batch would allocate and clear it each time.
+    zstd: zstd::bulk::Compressor<'static>,
 }
 
 impl EventLog {
@@ -779,7 +758,7 @@ impl EventLog {
     /// the table exists once migrations ran, so statements are prepared at the first
     /// batch.
     async fn open(path: std::path::PathBuf) -> Result<Self, StoreError> {
-        let conn = tokio::task::spawn_blocking(move || -> Result<_, rusqlite::Error> {
+        let writer = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
             // The flags sqlx opens with, file names as URIs included.
             let conn = rusqlite::Connection::open_with_flags(
                 path,
@@ -804,21 +783,25 @@ impl EventLog {
             // larger cache held no page that is read again, and while it filled, every
             // new page grew the C heap by a system call (most of the writer's cost at a
             // moderate rate, which never filled it).
-            Ok(conn)
+            let zstd =
+                zstd::bulk::Compressor::new(audit::ZSTD_LEVEL).map_err(StoreError::Compressor)?;
+            Ok(AuditWriter { conn, zstd })
         })
         .await??;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            writer: Arc::new(Mutex::new(writer)),
         })
     }
 
     async fn insert(&self, events: Arc<[StoredEvent]>) -> Result<(), StoreError> {
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || -> Result<(), rusqlite::Error> {
+        let writer = Arc::clone(&self.writer);
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             // Poisoned only if a batch panicked; the connection itself is still sound.
-            let mut conn = conn
+            let mut writer = writer
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let writer = &mut *writer;
+            let conn = &mut writer.conn;
             // A failed batch's transaction is rolled back when it is dropped; should that
             // rollback itself have failed, end it here, or no batch could begin again.
             if !conn.is_autocommit() {
@@ -826,28 +809,21 @@ impl EventLog {
             }
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             {
-                // Whole groups in one statement each: a statement's own work (its
-                // start, the AUTOINCREMENT counter read and written back) is paid per
-                // group, not per event. The rest go one by one.
-                let mut chunks = events.chunks_exact(SQLITE_EVENTS_PER_STATEMENT);
-                if chunks.len() > 0 {
-                    let mut insert = tx.prepare_cached(&SQLITE_INSERT_EVENT_GROUP)?;
-                    let mut values: Vec<&dyn rusqlite::ToSql> =
-                        Vec::with_capacity(SQLITE_EVENTS_PER_STATEMENT * 6);
-                    for group in chunks.by_ref() {
-                        values.clear();
-                        for e in group {
-                            values.extend_from_slice(&sqlite_event_row(e));
-                        }
-                        insert.execute(values.as_slice())?;
-                    }
-                }
-                let mut insert = tx.prepare_cached(&SQLITE_INSERT_EVENT)?;
-                for e in chunks.remainder() {
-                    insert.execute(&sqlite_event_row(e)[..])?;
+                let mut insert = tx.prepare_cached(SQLITE_INSERT_EVENT_ROW)?;
+                for row in audit::rows(&events) {
+                    let lines = audit::encode(&mut writer.zstd, &row.lines)
+                        .map_err(StoreError::Compress)?;
+                    insert.execute(rusqlite::params![
+                        row.first_ms,
+                        row.last_ms,
+                        row.count,
+                        audit::ENCODING_ZSTD,
+                        lines
+                    ])?;
                 }
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(())
         })
         .await??;
         Ok(())
@@ -857,6 +833,60 @@ impl EventLog {
 impl SqliteStore {
     async fn write_events(&self, events: Arc<[StoredEvent]>) -> Result<(), StoreError> {
         self.events.insert(events).await
+    }
+
+    async fn read_events(&self, f: &EventFilter) -> Result<Vec<(i64, i64, String)>, StoreError> {
+        if f.limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let mut found = audit::Collector::new(f);
+        let (mut after, lo, hi) = found.bounds();
+        // One snapshot for every page (WAL: a read transaction sees the log as it was
+        // at its first read), so a batch committed meanwhile cannot fall between pages.
+        let mut snapshot = self.pool.begin().await?;
+        loop {
+            let page: Vec<(i64, i64, String, Vec<u8>)> = sqlx::query_as(SQLITE_SELECT_EVENT_ROWS)
+                .bind(after.0)
+                .bind(after.1)
+                .bind(lo)
+                .bind(hi)
+                .bind(SQLITE_EVENT_ROWS_PER_PAGE)
+                .fetch_all(&mut *snapshot)
+                .await?;
+            let last_page = page.len() < SQLITE_EVENT_ROWS_PER_PAGE as usize;
+            // Decompressing and parsing a page is CPU work: off the async workers.
+            let done;
+            (found, after, done) = tokio::task::spawn_blocking(move || {
+                for (id, first_ms, encoding, lines) in page {
+                    if !found.wants(first_ms) {
+                        return Ok((found, after, true));
+                    }
+                    found.add(id, first_ms, &audit::decode(id, &encoding, lines)?);
+                    after = (first_ms, id);
+                }
+                Ok::<_, StoreError>((found, after, false))
+            })
+            .await??;
+            if done || last_page {
+                break;
+            }
+        }
+        snapshot.rollback().await?;
+        if found.unreadable() > 0 {
+            tracing::warn!(
+                lines = found.unreadable(),
+                "audit log lines that are not an event's JSON, returned at their batch's time"
+            );
+        }
+        Ok(found.finish())
+    }
+
+    async fn delete_events(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let counts: Vec<i64> = sqlx::query_scalar(SQLITE_PRUNE_EVENT_ROWS)
+            .bind(before_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(counts.iter().map(|&n| n.max(0) as u64).sum())
     }
 }
 
@@ -868,6 +898,28 @@ impl PostgresStore {
             .execute(&self.bulk)
             .await?;
         Ok(())
+    }
+
+    async fn read_events(&self, f: &EventFilter) -> Result<Vec<(i64, i64, String)>, StoreError> {
+        Ok(sqlx::query_as(PG_SELECT_EVENTS)
+            .bind(f.after.0)
+            .bind(f.since_ms.unwrap_or(i64::MIN))
+            .bind(f.until_ms.unwrap_or(i64::MAX))
+            .bind(&f.subject)
+            .bind(&f.session_id)
+            .bind(&f.decision)
+            .bind(f.limit)
+            .bind(f.after.1)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn delete_events(&self, before_ms: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(PG_PRUNE_EVENTS)
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 }
 

@@ -95,21 +95,61 @@ conformance!(
     last_seen_is_written_behind_and_never_goes_backwards,
     every_revocation_is_numbered_in_the_change_feed,
     events_are_filtered_paged_in_time_order_and_pruned,
+    events_of_overlapping_batches_come_back_in_time_order,
     a_first_sighting_creates_the_session_once_whoever_comes_second,
     large_write_behind_and_event_batches_land_whole,
 );
+
+/// An audit event as the recorder stores it: its columns and its JSON line agree.
+fn stored_event(ts_ms: i64, session_id: &str, subject: &str, decision: &str) -> store::StoredEvent {
+    let ts = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts_ms) * 1_000_000)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    store::StoredEvent {
+        ts_ms,
+        kind: "request".into(),
+        session_id: Some(session_id.into()),
+        subject: Some(subject.into()),
+        decision: Some(decision.to_owned().into()),
+        event: serde_json::json!({
+            "ts": ts,
+            "kind": "request",
+            "session_id": session_id,
+            "subject": subject,
+            "decision": decision,
+        })
+        .to_string(),
+    }
+}
+
+/// Every event after `filter.after`, a page of `filter.limit` at a time: their times.
+async fn all_pages(store: &SharedStore, mut filter: store::EventFilter) -> Vec<i64> {
+    let mut seen = Vec::new();
+    let mut positions = Vec::new();
+    loop {
+        let page = store.events(&filter).await.unwrap();
+        assert!(page.len() as i64 <= filter.limit);
+        let Some((ts, id, _)) = page.last() else {
+            break;
+        };
+        filter.after = (*ts, *id);
+        positions.extend(page.iter().map(|(ts, id, _)| (*ts, *id)));
+        seen.extend(page.into_iter().map(|(ts, _, _)| ts));
+    }
+    let mut sorted = positions.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(positions, sorted, "positions strictly increase: none twice");
+    seen
+}
 
 async fn events_are_filtered_paged_in_time_order_and_pruned(backend: Backend) {
     let Some((_db, store)) = open_store(backend).await else {
         return;
     };
-    let ev = |ts_ms: i64, subject: &str, decision: &str| tokenwarden::store::StoredEvent {
-        ts_ms,
-        kind: "request".into(),
-        session_id: Some(format!("s-{subject}")),
-        subject: Some(subject.into()),
-        decision: Some(decision.to_owned().into()),
-        event: format!("{{\"ts\":{ts_ms}}}"),
+    let ev = |ts_ms: i64, subject: &str, decision: &str| {
+        stored_event(ts_ms, &format!("s-{subject}"), subject, decision)
     };
     // Written out of time order, as batches from several writers can be.
     store
@@ -120,36 +160,42 @@ async fn events_are_filtered_paged_in_time_order_and_pruned(backend: Backend) {
         .insert_events(vec![ev(200, "alice", "step_up"), ev(100, "alice", "allow")].into())
         .await
         .unwrap();
-    let mut filter = tokenwarden::store::EventFilter {
-        after: (i64::MIN, 0),
-        limit: 2,
-        ..Default::default()
-    };
-    let mut seen = Vec::new();
-    loop {
-        let page = store.events(&filter).await.unwrap();
-        let Some((ts, id, _)) = page.last() else {
-            break;
-        };
-        filter.after = (*ts, *id);
-        seen.extend(page.into_iter().map(|(ts, _, _)| ts));
-    }
-    assert_eq!(
-        seen,
-        [100, 100, 200, 300],
-        "keyset paging in time order misses nothing"
-    );
-    let only = |f: tokenwarden::store::EventFilter| {
-        let store = store.clone();
-        async move { store.events(&f).await.unwrap().len() }
-    };
-    let base = tokenwarden::store::EventFilter {
+    store
+        .insert_events(vec![ev(40, "carol", "allow"), ev(60, "carol", "allow")].into())
+        .await
+        .unwrap();
+    let base = store::EventFilter {
         after: (i64::MIN, 0),
         limit: 100,
         ..Default::default()
     };
+    for limit in [1, 2, 3, 100] {
+        assert_eq!(
+            all_pages(
+                &store,
+                store::EventFilter {
+                    limit,
+                    ..base.clone()
+                }
+            )
+            .await,
+            [40, 60, 100, 100, 200, 300],
+            "keyset paging in time order misses nothing (pages of {limit})"
+        );
+    }
+    let page = store.events(&base).await.unwrap();
     assert_eq!(
-        only(tokenwarden::store::EventFilter {
+        page[2].2,
+        ev(100, "bob", "deny").event,
+        "each line exactly as given"
+    );
+    assert_eq!(page[3].2, ev(100, "alice", "allow").event);
+    let only = |f: store::EventFilter| {
+        let store = store.clone();
+        async move { store.events(&f).await.unwrap().len() }
+    };
+    assert_eq!(
+        only(store::EventFilter {
             subject: Some("alice".into()),
             ..base.clone()
         })
@@ -157,7 +203,7 @@ async fn events_are_filtered_paged_in_time_order_and_pruned(backend: Backend) {
         3
     );
     assert_eq!(
-        only(tokenwarden::store::EventFilter {
+        only(store::EventFilter {
             decision: Some("deny".into()),
             ..base.clone()
         })
@@ -165,7 +211,7 @@ async fn events_are_filtered_paged_in_time_order_and_pruned(backend: Backend) {
         1
     );
     assert_eq!(
-        only(tokenwarden::store::EventFilter {
+        only(store::EventFilter {
             session_id: Some("s-bob".into()),
             ..base.clone()
         })
@@ -173,7 +219,7 @@ async fn events_are_filtered_paged_in_time_order_and_pruned(backend: Backend) {
         1
     );
     assert_eq!(
-        only(tokenwarden::store::EventFilter {
+        only(store::EventFilter {
             since_ms: Some(150),
             until_ms: Some(300),
             ..base.clone()
@@ -181,8 +227,182 @@ async fn events_are_filtered_paged_in_time_order_and_pruned(backend: Backend) {
         .await,
         1
     );
-    assert_eq!(store.prune_events(200).await.unwrap(), 2);
-    assert_eq!(only(base).await, 2);
+    assert_eq!(
+        only(store::EventFilter {
+            since_ms: Some(100),
+            subject: Some("alice".into()),
+            limit: 2,
+            ..base.clone()
+        })
+        .await,
+        2
+    );
+    // Nothing older than 100 but the third batch, whole.
+    assert_eq!(store.prune_events(100).await.unwrap(), 2);
+    assert_eq!(only(base.clone()).await, 4);
+    // PostgreSQL deletes each event past the cutoff; SQLite keeps a batch to a row and
+    // deletes it once all of its events are past it (the first batch holds one at 300).
+    let pruned = store.prune_events(250).await.unwrap();
+    let left = all_pages(&store, base.clone()).await;
+    match backend {
+        Backend::Sqlite => {
+            assert_eq!(pruned, 2);
+            assert_eq!(left, [100, 300]);
+        }
+        Backend::Postgres => {
+            assert_eq!(pruned, 3);
+            assert_eq!(left, [300]);
+        }
+    }
+}
+
+/// Batches whose times overlap: a page holds the earliest events of all of them, and
+/// a window finds its events in a batch that began before it.
+async fn events_of_overlapping_batches_come_back_in_time_order(backend: Backend) {
+    let Some((_db, store)) = open_store(backend).await else {
+        return;
+    };
+    let t = T0 * 1000;
+    let ev = |ms: i64| stored_event(t + ms, "s", "alice", "allow");
+    // One batch a minute long (its first and last event), then a short one inside it.
+    store
+        .insert_events(vec![ev(0), ev(59_000), ev(60_000)].into())
+        .await
+        .unwrap();
+    store
+        .insert_events(vec![ev(30_000), ev(31_000)].into())
+        .await
+        .unwrap();
+    let base = store::EventFilter {
+        after: (i64::MIN, 0),
+        limit: 2,
+        ..Default::default()
+    };
+    let times = |page: Vec<(i64, i64, String)>| page.iter().map(|e| e.0 - t).collect::<Vec<_>>();
+    assert_eq!(times(store.events(&base).await.unwrap()), [0, 30_000]);
+    assert_eq!(
+        times(
+            store
+                .events(&store::EventFilter {
+                    since_ms: Some(t + 45_000),
+                    ..base.clone()
+                })
+                .await
+                .unwrap()
+        ),
+        [59_000, 60_000]
+    );
+    assert_eq!(
+        all_pages(
+            &store,
+            store::EventFilter {
+                limit: 1,
+                ..base.clone()
+            }
+        )
+        .await
+        .iter()
+        .map(|ms| ms - t)
+        .collect::<Vec<_>>(),
+        [0, 30_000, 31_000, 59_000, 60_000]
+    );
+    // A batch that spans more than a minute is still found from any of its events.
+    store
+        .insert_events(vec![ev(100_000), ev(400_000), ev(100_500)].into())
+        .await
+        .unwrap();
+    assert_eq!(
+        times(
+            store
+                .events(&store::EventFilter {
+                    since_ms: Some(t + 300_000),
+                    ..base.clone()
+                })
+                .await
+                .unwrap()
+        ),
+        [400_000]
+    );
+    assert_eq!(
+        times(
+            store
+                .events(&store::EventFilter {
+                    since_ms: Some(t + 100_200),
+                    ..base
+                })
+                .await
+                .unwrap()
+        ),
+        [100_500, 400_000]
+    );
+}
+
+/// SQLite's audit log, recorded a row per event before it kept a batch to a row, is
+/// carried over by the migration: every event, in order, still found by its filters.
+#[tokio::test]
+async fn sqlite_events_recorded_a_row_each_are_kept_by_the_migration_to_batches() {
+    use std::str::FromStr;
+    let db = database(Backend::Sqlite).await.expect("a SQLite file");
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(&db.url)
+        .unwrap()
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    let migrations = sqlx::migrate::Migrator::new(std::path::Path::new("migrations/sqlite"))
+        .await
+        .unwrap();
+    migrations.run_to(7, &pool).await.unwrap();
+    let old = [
+        stored_event(200, "s-a", "alice", "allow"),
+        stored_event(100, "s-b", "bob", "deny"),
+        stored_event(100, "s-a", "alice", "step_up"),
+    ];
+    for e in &old {
+        sqlx::query("INSERT INTO events (ts_ms, kind, session_id, subject, decision, event) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(e.ts_ms)
+            .bind(e.kind.as_ref())
+            .bind(e.session_id.as_deref())
+            .bind(e.subject.as_deref())
+            .bind(e.decision.as_deref())
+            .bind(&e.event)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+    let store = store::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    let all = store::EventFilter {
+        after: (i64::MIN, 0),
+        limit: 10,
+        ..Default::default()
+    };
+    let lines = |page: Vec<(i64, i64, String)>| page.into_iter().map(|e| e.2).collect::<Vec<_>>();
+    assert_eq!(
+        lines(store.events(&all).await.unwrap()),
+        [
+            old[1].event.clone(),
+            old[2].event.clone(),
+            old[0].event.clone()
+        ]
+    );
+    assert_eq!(
+        lines(
+            store
+                .events(&store::EventFilter {
+                    subject: Some("alice".into()),
+                    ..all.clone()
+                })
+                .await
+                .unwrap()
+        ),
+        [old[2].event.clone(), old[0].event.clone()]
+    );
+    // And new batches go on after them.
+    store
+        .insert_events(vec![stored_event(150, "s-c", "carol", "allow")].into())
+        .await
+        .unwrap();
+    assert_eq!(all_pages(&store, all).await, [100, 100, 150, 200]);
 }
 
 async fn last_seen_is_written_behind_and_never_goes_backwards(backend: Backend) {
@@ -275,21 +495,14 @@ async fn large_write_behind_and_event_batches_land_whole(backend: Backend) {
             )
         );
     }
-    // SQLite stores events 50 rows to a statement: whole groups, then the 23 left over.
-    let m = n + 23;
-    let events: Vec<tokenwarden::store::StoredEvent> = (0..m)
-        .map(|i| tokenwarden::store::StoredEvent {
-            ts_ms: T0 * 1000 + i as i64,
-            kind: "request".into(),
-            session_id: Some(format!("s{i}")),
-            subject: Some("alice".into()),
-            decision: Some("allow".into()),
-            event: format!("{{\"n\":{i}}}"),
-        })
+    // More events than one of SQLite's audit rows holds (4,096).
+    let m = 4_200;
+    let events: Vec<store::StoredEvent> = (0..m)
+        .map(|i| stored_event(T0 * 1000 + i as i64, &format!("s{i}"), "alice", "allow"))
         .collect();
-    store.insert_events(events.into()).await.unwrap();
+    store.insert_events(events.clone().into()).await.unwrap();
     let stored = store
-        .events(&tokenwarden::store::EventFilter {
+        .events(&store::EventFilter {
             after: (i64::MIN, 0),
             limit: 5_000,
             ..Default::default()
@@ -300,14 +513,14 @@ async fn large_write_behind_and_event_batches_land_whole(backend: Backend) {
     for (i, (ts, _, line)) in stored.iter().enumerate() {
         assert_eq!(
             (*ts, line.as_str()),
-            (T0 * 1000 + i as i64, format!("{{\"n\":{i}}}").as_str()),
+            (T0 * 1000 + i as i64, events[i].event.as_str()),
             "in order, exactly as given"
         );
     }
-    // Each row's own columns, in a group and among the rest.
-    for i in [0, 49, 50, 1_099, 1_100, m - 1] {
+    // Each event's own session, in the first row and the second.
+    for i in [0, 49, 50, 4_095, 4_096, m - 1] {
         let found = store
-            .events(&tokenwarden::store::EventFilter {
+            .events(&store::EventFilter {
                 after: (i64::MIN, 0),
                 limit: 10,
                 session_id: Some(format!("s{i}")),
@@ -316,7 +529,7 @@ async fn large_write_behind_and_event_batches_land_whole(backend: Backend) {
             .await
             .unwrap();
         assert_eq!(found.len(), 1, "s{i}");
-        assert_eq!(found[0].2, format!("{{\"n\":{i}}}"));
+        assert_eq!(found[0].2, events[i].event);
     }
 }
 
