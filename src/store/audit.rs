@@ -190,7 +190,6 @@ impl Collector {
             .is_none_or(|(last_ts, _, _)| first_ms <= *last_ts)
     }
 
-    /// Reads one row's lines.
     /// Reads one row's lines. A line that is not an event's JSON (none the recorder
     /// writes) is still returned, placed at the row's first time, and counted in
     /// [`Collector::unreadable`]; it matches no subject, session or decision filter.
