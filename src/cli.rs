@@ -267,12 +267,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let settings = load_settings(cli.config.as_deref())?;
             let ms = |name: &str, v: Option<String>| -> anyhow::Result<Option<i64>> {
                 v.map(|v| {
-                    let t = time::OffsetDateTime::parse(
-                        &v,
-                        &time::format_description::well_known::Rfc3339,
-                    )
-                    .with_context(|| format!("--{name}: {v:?} is not an RFC 3339 time"))?;
-                    Ok(i64::try_from(t.unix_timestamp_nanos() / 1_000_000)?)
+                    crate::clock::parse_rfc3339_ms(&v)
+                        .with_context(|| format!("--{name}: {v:?} is not an RFC 3339 time"))
                 })
                 .transpose()
             };

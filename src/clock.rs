@@ -21,6 +21,16 @@ pub trait Clock: Send + Sync + 'static {
 
 pub type SharedClock = Arc<dyn Clock>;
 
+/// Milliseconds since the Unix epoch of an RFC 3339 time, rounded down: a fraction
+/// of a millisecond is dropped, and before the epoch that means the earlier one.
+/// Every reader of a time (events, queries, the CLI, rule cases) goes through here,
+/// so a time means the same millisecond everywhere.
+pub fn parse_rfc3339_ms(text: &str) -> Result<i64, time::error::Parse> {
+    let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)?;
+    // Seconds are rounded down, so the millisecond of the second is always added.
+    Ok(t.unix_timestamp() * 1000 + i64::from(t.millisecond()))
+}
+
 /// The wall clock.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
@@ -79,5 +89,29 @@ mod tests {
         clock.advance(Duration::from_millis(1500));
         assert_eq!(clock.now(), 1_700_000_001);
         assert_eq!(clock.now_millis(), 1_700_000_001_500);
+    }
+
+    #[test]
+    fn rfc3339_times_read_as_milliseconds_rounded_down() {
+        for (text, ms) in [
+            ("2027-01-15T08:00:00.007Z", 1_800_000_000_007),
+            ("2027-01-15T09:00:00.007+01:00", 1_800_000_000_007),
+            ("2027-01-15T08:00:00Z", 1_800_000_000_000),
+            ("2027-01-15T08:00:00.0079Z", 1_800_000_000_007),
+            ("1970-01-01T00:00:00Z", 0),
+            ("1969-12-31T23:59:59.999Z", -1),
+            ("1969-12-31T23:59:59.9995Z", -1),
+            ("1969-12-31T23:59:59.0001Z", -1_000),
+        ] {
+            assert_eq!(parse_rfc3339_ms(text).ok(), Some(ms), "{text}");
+        }
+        for text in [
+            "2027-13-15T08:00:00Z",
+            "2027-01-15T08:00Z",
+            "not a time",
+            "",
+        ] {
+            assert!(parse_rfc3339_ms(text).is_err(), "{text:?}");
+        }
     }
 }

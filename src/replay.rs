@@ -132,10 +132,7 @@ fn recorded_fingerprint(e: &Event) -> Option<crate::enrich::UaFingerprint> {
 }
 
 pub fn parse_ts(ts: &str) -> Result<i64, String> {
-    let t = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
-        .map_err(|e| format!("ts {ts:?} is not RFC 3339: {e}"))?;
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000)
-        .map_err(|_| format!("ts {ts:?} is out of range"))
+    crate::clock::parse_rfc3339_ms(ts).map_err(|e| format!("ts {ts:?} is not RFC 3339: {e}"))
 }
 
 /// One line parsed and checked; `Err` carries the message for the report.

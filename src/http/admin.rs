@@ -126,12 +126,8 @@ const MAX_EVENTS: i64 = 100_000;
 fn millis(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
     value
         .map(|v| {
-            time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
-                .ok()
-                .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
-                .ok_or_else(|| {
-                    ApiError::BadRequest(format!("{name}: {v:?} is not an RFC 3339 time"))
-                })
+            crate::clock::parse_rfc3339_ms(v)
+                .map_err(|_| ApiError::BadRequest(format!("{name}: {v:?} is not an RFC 3339 time")))
         })
         .transpose()
 }

@@ -102,10 +102,7 @@ impl CaseReport {
 }
 
 fn parse_time(s: &str) -> Result<i64, String> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map_err(|e| format!("{s:?} is not an RFC 3339 time: {e}"))?;
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000)
-        .map_err(|_| format!("{s:?} is out of range"))
+    crate::clock::parse_rfc3339_ms(s).map_err(|e| format!("{s:?} is not an RFC 3339 time: {e}"))
 }
 
 fn client(step: &Step, ua: &UaParser) -> ClientInfo {

@@ -107,11 +107,6 @@ struct Keys<'a> {
     decision: Option<Cow<'a, str>>,
 }
 
-fn millis(ts: &str) -> Option<i64> {
-    let t = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()?;
-    i64::try_from(t.unix_timestamp_nanos().div_euclid(1_000_000)).ok()
-}
-
 /// Gathers the events a filter asks for from rows read in `(first_ms, id)` order.
 pub(super) struct Collector {
     filter: EventFilter,
@@ -209,7 +204,7 @@ impl Collector {
             }
             let read = serde_json::from_str::<Keys<'_>>(line)
                 .ok()
-                .and_then(|keys| Some((millis(&keys.ts)?, keys)));
+                .and_then(|keys| Some((crate::clock::parse_rfc3339_ms(&keys.ts).ok()?, keys)));
             let (ts, keys) = match read {
                 Some(read) => read,
                 None => {
