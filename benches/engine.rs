@@ -2,7 +2,7 @@
 //! seen and cached), enrichment alone, one risk evaluation (default rules), one
 //! full decision through `SessionService::verify` (decode, revocation view,
 //! enrichment, rules, on a real SQLite store that it never touches), replay per
-//! event, and batches of audit events stored on SQLite. Run with `cargo bench
+//! event, one audit event's JSON line, and batches of audit events stored on SQLite. Run with `cargo bench
 //! --bench engine`; compare the figures side by side.
 
 use std::hint::black_box;
@@ -286,8 +286,52 @@ fn audit_batches(c: &mut Criterion) {
         store.migrate().await.unwrap();
         store
     });
-    let mut ts = 1_800_000_000_000i64;
     let mut group = c.benchmark_group("audit");
+    // One event's JSON line, as forward-auth records it: serde_json's writer and
+    // the event's own, side by side.
+    let event = {
+        use tokenwarden::enrich::{DeviceClass, UaFingerprint};
+        use tokenwarden::events::{Event, EventKind, UaKey};
+        let mut e = Event::new(EventKind::Request, 1_800_000_000_000)
+            .session("ses_0000000000000000000007", "user-7")
+            .decision("allow");
+        e.ip = Some("10.7.3.7".into());
+        e.user_agent = Some(UA.into());
+        e.method = Some("GET".into());
+        e.path = Some("/account".into());
+        e.score = Some(0);
+        e.session_risk = Some(0.0);
+        e.rules_hash = Some(Arc::from("0123456789abcdef"));
+        e.country = Some(Arc::from("SE"));
+        e.city = Some(Arc::from("Linköping"));
+        e.asn = Some(1221);
+        e.latitude = Some(58.4167);
+        e.longitude = Some(15.6167);
+        e.radius_km = Some(20.0);
+        e.ua_fingerprint = Some(UaKey::Shared(Arc::new(UaFingerprint::new(
+            "Firefox".into(),
+            Some("133".into()),
+            "Linux".into(),
+            DeviceClass::Desktop,
+        ))));
+        e
+    };
+    let mut line = Vec::with_capacity(1024);
+    group.bench_function("json_line_serde_json", |b| {
+        b.iter(|| {
+            line.clear();
+            serde_json::to_writer(&mut line, black_box(&event)).unwrap();
+            black_box(line.len())
+        })
+    });
+    group.bench_function("json_line_written", |b| {
+        b.iter(|| {
+            line.clear();
+            black_box(&event).write_json(&mut line).unwrap();
+            black_box(line.len())
+        })
+    });
+    let mut ts = 1_800_000_000_000i64;
     group.throughput(criterion::Throughput::Elements(2_000));
     group.bench_function("store_2000_events_sqlite", |b| {
         b.iter_batched(

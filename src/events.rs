@@ -35,7 +35,7 @@ fn stored(e: Event) -> Option<StoredEvent> {
     // Sized for a typical line (a browser's request with its enrichment is 500–700
     // bytes), so that it is not copied again as it grows.
     let mut line = Vec::with_capacity(LINE_CAPACITY);
-    serde_json::to_writer(&mut line, &e).ok()?;
+    e.write_json(&mut line).ok()?;
     let mut event = String::from_utf8(line).ok()?;
     if event.contains("\\u0000") {
         event = without_nul_escapes(&event);
@@ -51,6 +51,167 @@ fn stored(e: Event) -> Option<StoredEvent> {
         }),
         event,
     })
+}
+
+fn write_json_line(e: &Event, out: &mut Vec<u8>) -> serde_json::Result<()> {
+    // Taken apart whole, so that a field added to `Event` cannot be left out here.
+    let Event {
+        ts,
+        kind,
+        session_id,
+        subject,
+        ip,
+        user_agent,
+        method,
+        path,
+        referrer,
+        origin,
+        sec_fetch_site,
+        cost,
+        decision,
+        score,
+        session_risk,
+        reasons,
+        rules_hash,
+        country,
+        city,
+        asn,
+        latitude,
+        longitude,
+        radius_km,
+        ua_fingerprint,
+        detail,
+    } = e;
+    let mut line = Line { out, first: true };
+    line.text("ts", Some(ts));
+    line.text("kind", Some(kind.as_str()));
+    line.text("session_id", session_id.as_deref());
+    line.text("subject", subject.as_deref());
+    line.text("ip", ip.as_deref());
+    line.text("user_agent", user_agent.as_deref());
+    line.text("method", method.as_deref());
+    line.text("path", path.as_deref());
+    line.text("referrer", referrer.as_deref());
+    line.text("origin", origin.as_deref());
+    line.text("sec_fetch_site", sec_fetch_site.as_deref());
+    line.value("cost", cost.as_ref())?;
+    line.text("decision", decision.as_deref());
+    line.value("score", score.as_ref())?;
+    line.value("session_risk", session_risk.as_ref())?;
+    line.value("reasons", Some(reasons).filter(|r| !r.is_empty()))?;
+    line.text("rules_hash", rules_hash.as_deref());
+    line.text("country", country.as_deref());
+    line.text("city", city.as_deref());
+    line.value("asn", asn.as_ref())?;
+    line.value("latitude", latitude.as_ref())?;
+    line.value("longitude", longitude.as_ref())?;
+    line.value("radius_km", radius_km.as_ref())?;
+    match ua_fingerprint {
+        Some(UaKey::Shared(f)) => {
+            use std::fmt::Write;
+            line.key("ua_fingerprint");
+            line.out.push(b'"');
+            // Written straight into the line, escaped as it goes.
+            write!(Escaping(line.out), "{f}").map_err(serde::ser::Error::custom)?;
+            line.out.push(b'"');
+        }
+        Some(UaKey::Text(t)) => line.text("ua_fingerprint", Some(t)),
+        None => {}
+    }
+    line.text("detail", detail.as_deref());
+    line.out.push(b'}');
+    Ok(())
+}
+
+/// A JSON object being written: `{` before the first field, `,` before the others.
+struct Line<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl Line<'_> {
+    /// `"name":` (every name here is plain ASCII that needs no escaping).
+    fn key(&mut self, name: &str) {
+        self.out.push(if self.first { b'{' } else { b',' });
+        self.first = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    fn text(&mut self, name: &str, value: Option<&str>) {
+        if let Some(value) = value {
+            self.key(name);
+            self.out.push(b'"');
+            escape_into(self.out, value);
+            self.out.push(b'"');
+        }
+    }
+
+    fn value<T: Serialize + ?Sized>(
+        &mut self,
+        name: &str,
+        value: Option<&T>,
+    ) -> serde_json::Result<()> {
+        if let Some(value) = value {
+            self.key(name);
+            serde_json::to_writer(&mut *self.out, value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Text written into a JSON string as serde_json escapes it: `"` and `\` with a
+/// backslash; the control characters as `\b`, `\t`, `\n`, `\f`, `\r` or `\u00xx`;
+/// everything else as it is.
+fn escape_into(out: &mut Vec<u8>, text: &str) {
+    let bytes = text.as_bytes();
+    // One pass without an early exit, which the compiler turns into wide compares.
+    let needs_escape = bytes.iter().fold(false, |any, &b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !needs_escape {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short = match b {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            0x08 => b'b',
+            b'\t' => b't',
+            b'\n' => b'n',
+            0x0c => b'f',
+            b'\r' => b'r',
+            0x00..=0x1f => b'u',
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.push(b'\\');
+        out.push(short);
+        if short == b'u' {
+            out.extend_from_slice(&[
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+/// A `fmt::Write` into a JSON string under way, escaping what it is given.
+struct Escaping<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        escape_into(self.0, s);
+        Ok(())
+    }
 }
 
 /// A JSON line with each escaped NUL (`\u0000`) written as U+FFFD (`\ufffd`). Only
@@ -253,11 +414,7 @@ fn parse_ms(ts: &str) -> Option<i64> {
         static SECOND: std::cell::RefCell<(String, i64)> =
             const { std::cell::RefCell::new((String::new(), 0)) };
     }
-    let full = || {
-        let t =
-            time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()?;
-        i64::try_from(t.unix_timestamp_nanos().div_euclid(1_000_000)).ok()
-    };
+    let full = || crate::clock::parse_rfc3339_ms(ts).ok();
     // `YYYY-MM-DDTHH:MM:SS.mmmZ`, the only shape this fast path reads.
     let b = ts.as_bytes();
     if b.len() != 24 || b[19] != b'.' || b[23] != b'Z' || !b[20..23].iter().all(u8::is_ascii_digit)
@@ -292,6 +449,15 @@ fn format_second(second: i64) -> Option<String> {
 }
 
 impl Event {
+    /// The event's JSON line: the bytes `serde_json::to_writer` writes for it (a test
+    /// holds the two equal), written field by field. Text is checked for characters
+    /// to escape in one pass over it and copied whole when there are none (almost
+    /// always), where serde_json looks each byte up in turn; the numbers and reasons
+    /// are left to serde_json.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        write_json_line(self, out)
+    }
+
     pub fn new(kind: EventKind, at_ms: i64) -> Self {
         Self {
             ts: rfc3339_ms(at_ms),
@@ -574,6 +740,81 @@ mod tests {
         assert_eq!(e.path.as_deref(), Some("/reset"));
         assert_eq!(e.referrer.as_deref(), Some("https://app.example.com/a"));
         assert_eq!(e.ts, "1970-01-01T00:00:00.000Z");
+    }
+
+    /// The line written field by field is the one serde_json writes, byte for
+    /// byte: every field given, none, and text holding every ASCII character,
+    /// non-ASCII letters, U+2028 and an emoji.
+    #[test]
+    fn the_line_is_the_bytes_serde_json_writes() {
+        let ascii: String = (0_u8..0x80).map(char::from).collect();
+        let texts = [
+            String::new(),
+            "alice".to_owned(),
+            ascii.clone(),
+            format!("é\u{2028}😀{ascii}\\u0000\"x\""),
+            "\\".to_owned(),
+            "a\u{1f}\u{7f}b".to_owned(),
+        ];
+        let reason = |detail: &str| Reason {
+            rule: "geo_velocity".into(),
+            kind: "impossible_travel".into(),
+            points: 40,
+            mode: crate::risk::ReasonMode::Shadow,
+            detail: detail.into(),
+        };
+        let full = |t: &str| {
+            let mut e = Event::new(EventKind::Revoke, 1_800_000_000_007).session(t, t);
+            e.ip = Some(t.to_owned());
+            e.user_agent = Some(t.to_owned());
+            e.method = Some(Cow::Owned(t.to_owned()));
+            e.path = Some(t.to_owned());
+            e.referrer = Some(t.to_owned());
+            e.origin = Some(t.to_owned());
+            e.sec_fetch_site = Some(t.to_owned());
+            e.cost = Some(u32::MAX);
+            e.decision = Some(Cow::Owned(t.to_owned()));
+            e.score = Some(0);
+            e.session_risk = Some(12.345_678_9);
+            e.reasons = vec![reason(t), reason("")];
+            e.rules_hash = Some(Arc::from(t));
+            e.country = Some(Arc::from(t));
+            e.city = Some(Arc::from(t));
+            e.asn = Some(64_512);
+            e.latitude = Some(-33.868_8);
+            e.longitude = Some(f64::NAN);
+            e.radius_km = Some(1e300);
+            e.detail = Some(t.to_owned());
+            e
+        };
+        let fingerprint = |t: &str| {
+            Arc::new(UaFingerprint::new(
+                format!("{t}/x"),
+                Some(t.to_owned()),
+                t.to_owned(),
+                crate::enrich::DeviceClass::Desktop,
+            ))
+        };
+        let mut events = vec![Event::new(EventKind::SessionOpen, -1)];
+        for t in &texts {
+            let mut shared = full(t);
+            shared.ua_fingerprint = Some(UaKey::Shared(fingerprint(t)));
+            let mut text = full(t);
+            text.ua_fingerprint = Some(UaKey::Text(t.clone()));
+            let mut partial = Event::new(EventKind::Request, 0).decision("allow");
+            partial.city = Some(Arc::from(t.as_str()));
+            partial.latitude = Some(0.0);
+            events.extend([shared, text, partial]);
+        }
+        for e in &events {
+            let mut line = Vec::new();
+            e.write_json(&mut line).unwrap();
+            let expected = serde_json::to_vec(e).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&line),
+                String::from_utf8_lossy(&expected)
+            );
+        }
     }
 
     #[test]
