@@ -5,11 +5,10 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
-use dashmap::mapref::one::RefMut;
 
 use crate::ConcurrentMap;
 use crate::clock::SharedClock;
@@ -76,6 +75,34 @@ pub struct Assessment {
     pub newly_stepped_up: bool,
 }
 
+/// A user's state, shared by the user's sessions in memory.
+type SharedUser = Arc<Mutex<UserState>>;
+
+fn lock(user: &Mutex<UserState>) -> MutexGuard<'_, UserState> {
+    // A panic while it was held leaves a history that is still usable.
+    user.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A session's state in memory, holding its user's: a request reaches both with
+/// one map lookup.
+struct LiveSession {
+    state: SessionState,
+    user: SharedUser,
+}
+
+impl std::ops::Deref for LiveSession {
+    type Target = SessionState;
+    fn deref(&self) -> &SessionState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for LiveSession {
+    fn deref_mut(&mut self) -> &mut SessionState {
+        &mut self.state
+    }
+}
+
 pub struct Monitor {
     rules: ArcSwap<RuleSet>,
     rules_path: Option<PathBuf>,
@@ -84,8 +111,9 @@ pub struct Monitor {
     limiters: RateLimiters,
     /// Boxed: a map's slots are mostly empty at any size, so an empty slot costs a
     /// pointer, not a whole state.
-    sessions: ConcurrentMap<String, Box<SessionState>>,
-    users: ConcurrentMap<Arc<str>, Box<UserState>>,
+    sessions: ConcurrentMap<String, Box<LiveSession>>,
+    /// Each user with a session in memory; the sessions hold the same state.
+    users: ConcurrentMap<Arc<str>, SharedUser>,
     /// Sessions whose last sighting changed in a way that matters now (new address
     /// or browser, new risk): written at the next write-behind. Routine sightings
     /// only set the session's `unsaved` flag and wait for the heartbeat.
@@ -177,32 +205,43 @@ impl Monitor {
     pub fn bind(&self, session_id: &str, subject: &str, client: ClientInfo) {
         let at_ms = self.clock.now_millis();
         let mut state = SessionState::opened(subject, client, at_ms);
-        state.subject = {
-            let mut user = self.user(subject);
-            user.signed_in(&state);
-            Arc::clone(user.key())
-        };
-        self.sessions.insert(session_id.to_owned(), Box::new(state));
+        let (key, user) = self.user(subject);
+        lock(&user).signed_in(&state);
+        state.subject = key;
+        self.sessions
+            .insert(session_id.to_owned(), Box::new(LiveSession { state, user }));
     }
 
-    /// The user's state, created empty if there is none.
-    fn user(&self, subject: &str) -> RefMut<'_, Arc<str>, Box<UserState>> {
-        match self.users.get_mut(subject) {
+    /// The user's subject as the map holds it, and the user's state, created empty
+    /// if there is none.
+    fn user(&self, subject: &str) -> (Arc<str>, SharedUser) {
+        let entry = match self.users.get(subject) {
             Some(user) => user,
-            None => self.users.entry(Arc::from(subject)).or_default(),
-        }
+            None => self
+                .users
+                .entry(Arc::from(subject))
+                .or_default()
+                .downgrade(),
+        };
+        (Arc::clone(entry.key()), Arc::clone(entry.value()))
     }
 
     /// Re-authenticated: new binding, risk and step-up cleared.
     pub fn rebind(&self, session_id: &str, subject: &str, client: ClientInfo) {
         let at_ms = self.clock.now_millis();
+        let (key, user) = self.user(subject);
         // Lock order: session, then user (as in `assess`).
         let mut session = self
             .sessions
             .entry(session_id.to_owned())
-            .or_insert_with(|| Box::new(SessionState::new(subject, None)));
+            .or_insert_with(|| {
+                let mut state = SessionState::new(subject, None);
+                state.subject = key;
+                Box::new(LiveSession { state, user })
+            });
         session.rebind(client, at_ms);
-        self.user(subject).signed_in(&session);
+        let LiveSession { state, user } = &mut **session;
+        lock(user).signed_in(state);
     }
 
     /// Rebuilds a session's state (and, the first time, its user's history) from the store.
@@ -212,8 +251,9 @@ impl Monitor {
                 .as_deref()
                 .and_then(|b| serde_json::from_str::<ClientInfo>(b).ok())
         };
+        let (key, user) = self.user(&session.subject);
         if let Some(all) = user_sessions {
-            let mut user = self.user(&session.subject);
+            let mut user = lock(&user);
             for s in all {
                 if let Some(b) = parse(s) {
                     user.learn(&b);
@@ -244,10 +284,10 @@ impl Monitor {
         if state.step_up {
             state.step_up_message = session.step_up_message.as_deref().map(Box::from);
         }
-        state.subject = Arc::clone(self.user(&session.subject).key());
+        state.subject = key;
         self.sessions
             .entry(session.session_id.clone())
-            .or_insert(Box::new(state));
+            .or_insert(Box::new(LiveSession { state, user }));
     }
 
     /// The user's generation recorded with the session, and the latest access-token
@@ -380,14 +420,16 @@ impl Monitor {
             sub: subject,
             refresh_reused,
         };
-        // Lock order: session, then user (everywhere).
-        let mut user = self.user(subject);
         let flagged_before = session.step_up;
         let moved = session
             .last_allowed
             .as_ref()
             .is_none_or(|o| o.client.ip != client.ip || o.client.ua != client.ua);
-        let evaluation = assess(&rules, &self.limiters, &ctx, &mut session, &mut user);
+        let evaluation = {
+            let LiveSession { state, user } = &mut **session;
+            // Lock order: session, then user (everywhere).
+            assess(&rules, &self.limiters, &ctx, state, &mut lock(user))
+        };
         let material = moved || evaluation.score > 0 || session.step_up != flagged_before;
         session.unsaved = true;
         // Lock order: session, then the dirty set (as in `take_dirty`).
@@ -454,9 +496,8 @@ impl Monitor {
                 // Forgotten now, a long quota would start afresh at its next request.
                 || holds_back(&s.quotas)
         });
-        let subjects: std::collections::HashSet<Arc<str>> =
-            self.sessions.iter().map(|s| s.subject.clone()).collect();
-        self.users.retain(|subject, _| subjects.contains(subject));
+        // A user is held by the map and by each of its sessions in memory.
+        self.users.retain(|_, user| Arc::strong_count(user) > 1);
     }
 
     pub fn sessions_in_memory(&self) -> usize {
@@ -504,6 +545,44 @@ mod tests {
         monitor.maintain(clock.now_millis() - 330_000);
         assert!(!monitor.knows("idle") && !monitor.knows_user("alice"));
         assert!(monitor.knows("busy") && monitor.knows_user("bob"));
+    }
+
+    #[test]
+    fn the_sessions_of_a_user_share_its_state_which_leaves_with_the_last_of_them() {
+        let clock = Arc::new(ManualClock::at(1_800_000_000));
+        let enricher =
+            Enricher::new(EnrichConfig::default(), Arc::new(UaParser::new().unwrap())).unwrap();
+        let monitor = Monitor::new(None, Arc::new(enricher), clock.clone()).unwrap();
+        let home: IpAddr = "192.0.2.1".parse().unwrap();
+        monitor.bind("s1", "alice", monitor.enrich(home, "curl/8"));
+        monitor.bind("s2", "alice", monitor.enrich(home, "curl/8"));
+        // Re-authenticated after it left memory: it joins the same user.
+        monitor.rebind("s3", "alice", monitor.enrich(home, "curl/8"));
+        monitor.bind("b1", "bob", monitor.enrich(home, "curl/8"));
+        let user_of = |id: &str| Arc::clone(&monitor.sessions.get(id).unwrap().user);
+        assert!(Arc::ptr_eq(&user_of("s1"), &user_of("s2")));
+        assert!(Arc::ptr_eq(&user_of("s1"), &user_of("s3")));
+        assert!(!Arc::ptr_eq(&user_of("s1"), &user_of("b1")));
+        // A request of one session is the user's last sighting, seen from the others.
+        clock.advance(std::time::Duration::from_secs(5));
+        let request = RequestInfo {
+            ip: Some("198.51.100.7".parse().unwrap()),
+            user_agent: Some("curl/8".into()),
+            ..RequestInfo::default()
+        };
+        monitor
+            .assess(RequestKind::Request, ("j", "s1", "alice"), &request, false)
+            .expect("in memory");
+        let last = lock(&user_of("s2")).last.as_ref().map(|o| o.client.ip);
+        assert_eq!(last, Some("198.51.100.7".parse().unwrap()));
+        // The user stays while any of its sessions is in memory.
+        monitor.forget("s1");
+        monitor.forget("s2");
+        monitor.maintain(i64::MIN);
+        assert!(monitor.knows_user("alice"));
+        monitor.forget("s3");
+        monitor.maintain(i64::MIN);
+        assert!(!monitor.knows_user("alice") && monitor.knows_user("bob"));
     }
 
     #[test]
