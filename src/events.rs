@@ -811,6 +811,9 @@ mod tests {
             e.write_json(&mut line).unwrap();
             let expected = serde_json::to_vec(e).unwrap();
             assert_eq!(
+                line,
+                expected,
+                "{}\n{}",
                 String::from_utf8_lossy(&line),
                 String::from_utf8_lossy(&expected)
             );
