@@ -53,76 +53,6 @@ fn stored(e: Event) -> Option<StoredEvent> {
     })
 }
 
-fn write_json_line(e: &Event, out: &mut Vec<u8>) -> serde_json::Result<()> {
-    // Taken apart whole, so that a field added to `Event` cannot be left out here.
-    let Event {
-        ts,
-        kind,
-        session_id,
-        subject,
-        ip,
-        user_agent,
-        method,
-        path,
-        referrer,
-        origin,
-        sec_fetch_site,
-        cost,
-        decision,
-        score,
-        session_risk,
-        reasons,
-        rules_hash,
-        country,
-        city,
-        asn,
-        latitude,
-        longitude,
-        radius_km,
-        ua_fingerprint,
-        detail,
-    } = e;
-    let mut line = Line { out, first: true };
-    line.text("ts", Some(ts));
-    line.text("kind", Some(kind.as_str()));
-    line.text("session_id", session_id.as_deref());
-    line.text("subject", subject.as_deref());
-    line.text("ip", ip.as_deref());
-    line.text("user_agent", user_agent.as_deref());
-    line.text("method", method.as_deref());
-    line.text("path", path.as_deref());
-    line.text("referrer", referrer.as_deref());
-    line.text("origin", origin.as_deref());
-    line.text("sec_fetch_site", sec_fetch_site.as_deref());
-    line.value("cost", cost.as_ref())?;
-    line.text("decision", decision.as_deref());
-    line.value("score", score.as_ref())?;
-    line.value("session_risk", session_risk.as_ref())?;
-    line.value("reasons", Some(reasons).filter(|r| !r.is_empty()))?;
-    line.text("rules_hash", rules_hash.as_deref());
-    line.text("country", country.as_deref());
-    line.text("city", city.as_deref());
-    line.value("asn", asn.as_ref())?;
-    line.value("latitude", latitude.as_ref())?;
-    line.value("longitude", longitude.as_ref())?;
-    line.value("radius_km", radius_km.as_ref())?;
-    match ua_fingerprint {
-        Some(UaKey::Shared(f)) => {
-            use std::fmt::Write;
-            line.key("ua_fingerprint");
-            line.out.push(b'"');
-            // Written straight into the line, escaped as it goes.
-            write!(Escaping(line.out), "{f}").map_err(serde::ser::Error::custom)?;
-            line.out.push(b'"');
-        }
-        Some(UaKey::Text(t)) => line.text("ua_fingerprint", Some(t)),
-        None => {}
-    }
-    line.text("detail", detail.as_deref());
-    line.out.push(b'}');
-    Ok(())
-}
-
 /// A JSON object being written: `{` before the first field, `,` before the others.
 struct Line<'a> {
     out: &'a mut Vec<u8>,
@@ -455,7 +385,73 @@ impl Event {
     /// always), where serde_json looks each byte up in turn; the numbers and reasons
     /// are left to serde_json.
     pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        write_json_line(self, out)
+        // Taken apart whole, so that a field added to `Event` cannot be left out here.
+        let Event {
+            ts,
+            kind,
+            session_id,
+            subject,
+            ip,
+            user_agent,
+            method,
+            path,
+            referrer,
+            origin,
+            sec_fetch_site,
+            cost,
+            decision,
+            score,
+            session_risk,
+            reasons,
+            rules_hash,
+            country,
+            city,
+            asn,
+            latitude,
+            longitude,
+            radius_km,
+            ua_fingerprint,
+            detail,
+        } = self;
+        let mut line = Line { out, first: true };
+        line.text("ts", Some(ts));
+        line.text("kind", Some(kind.as_str()));
+        line.text("session_id", session_id.as_deref());
+        line.text("subject", subject.as_deref());
+        line.text("ip", ip.as_deref());
+        line.text("user_agent", user_agent.as_deref());
+        line.text("method", method.as_deref());
+        line.text("path", path.as_deref());
+        line.text("referrer", referrer.as_deref());
+        line.text("origin", origin.as_deref());
+        line.text("sec_fetch_site", sec_fetch_site.as_deref());
+        line.value("cost", cost.as_ref())?;
+        line.text("decision", decision.as_deref());
+        line.value("score", score.as_ref())?;
+        line.value("session_risk", session_risk.as_ref())?;
+        line.value("reasons", Some(reasons).filter(|r| !r.is_empty()))?;
+        line.text("rules_hash", rules_hash.as_deref());
+        line.text("country", country.as_deref());
+        line.text("city", city.as_deref());
+        line.value("asn", asn.as_ref())?;
+        line.value("latitude", latitude.as_ref())?;
+        line.value("longitude", longitude.as_ref())?;
+        line.value("radius_km", radius_km.as_ref())?;
+        match ua_fingerprint {
+            Some(UaKey::Shared(f)) => {
+                use std::fmt::Write;
+                line.key("ua_fingerprint");
+                line.out.push(b'"');
+                // Written straight into the line, escaped as it goes.
+                write!(Escaping(line.out), "{f}").map_err(serde::ser::Error::custom)?;
+                line.out.push(b'"');
+            }
+            Some(UaKey::Text(t)) => line.text("ua_fingerprint", Some(t)),
+            None => {}
+        }
+        line.text("detail", detail.as_deref());
+        line.out.push(b'}');
+        Ok(())
     }
 
     pub fn new(kind: EventKind, at_ms: i64) -> Self {

@@ -512,6 +512,15 @@ mod tests {
     use crate::clock::{Clock, ManualClock};
     use crate::enrich::{EnrichConfig, UaParser};
 
+    /// A monitor with the default enrichment, on a manual clock at 2027-01-15.
+    fn monitor(rules: Option<PathBuf>) -> (Arc<ManualClock>, Monitor) {
+        let clock = Arc::new(ManualClock::at(1_800_000_000));
+        let enricher =
+            Enricher::new(EnrichConfig::default(), Arc::new(UaParser::new().unwrap())).unwrap();
+        let monitor = Monitor::new(rules, Arc::new(enricher), clock.clone()).unwrap();
+        (clock, monitor)
+    }
+
     #[test]
     fn standard_methods_are_borrowed_and_others_kept_as_given() {
         for m in [
@@ -527,10 +536,7 @@ mod tests {
 
     #[test]
     fn idle_sessions_and_their_users_leave_memory_but_unwritten_ones_stay() {
-        let clock = Arc::new(ManualClock::at(1_800_000_000));
-        let enricher =
-            Enricher::new(EnrichConfig::default(), Arc::new(UaParser::new().unwrap())).unwrap();
-        let monitor = Monitor::new(None, Arc::new(enricher), clock.clone()).unwrap();
+        let (clock, monitor) = monitor(None);
         let client = monitor.enrich("192.0.2.1".parse().unwrap(), "curl/8");
         monitor.bind("idle", "alice", client.clone());
         monitor.bind("busy", "bob", client);
@@ -549,10 +555,7 @@ mod tests {
 
     #[test]
     fn the_sessions_of_a_user_share_its_state_which_leaves_with_the_last_of_them() {
-        let clock = Arc::new(ManualClock::at(1_800_000_000));
-        let enricher =
-            Enricher::new(EnrichConfig::default(), Arc::new(UaParser::new().unwrap())).unwrap();
-        let monitor = Monitor::new(None, Arc::new(enricher), clock.clone()).unwrap();
+        let (clock, monitor) = monitor(None);
         let home: IpAddr = "192.0.2.1".parse().unwrap();
         monitor.bind("s1", "alice", monitor.enrich(home, "curl/8"));
         monitor.bind("s2", "alice", monitor.enrich(home, "curl/8"));
@@ -587,9 +590,6 @@ mod tests {
 
     #[test]
     fn an_idle_session_stays_in_memory_until_its_own_quota_has_refilled() {
-        let clock = Arc::new(ManualClock::at(1_800_000_000));
-        let enricher =
-            Enricher::new(EnrichConfig::default(), Arc::new(UaParser::new().unwrap())).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let rules = dir.path().join("rules.toml");
         std::fs::write(
@@ -598,7 +598,7 @@ mod tests {
              rate = { key = \"sid\", limit = 2, per = \"1h\", burst = 2 }\n",
         )
         .unwrap();
-        let monitor = Monitor::new(Some(rules), Arc::new(enricher), clock.clone()).unwrap();
+        let (clock, monitor) = monitor(Some(rules));
         let client = monitor.enrich("192.0.2.1".parse().unwrap(), "curl/8");
         monitor.bind("s", "alice", client);
         let request = RequestInfo::default();
@@ -625,10 +625,7 @@ mod tests {
 
     #[test]
     fn the_write_behind_sends_moves_at_once_and_routine_sightings_on_the_heartbeat() {
-        let clock = Arc::new(ManualClock::at(1_800_000_000));
-        let enricher =
-            Enricher::new(EnrichConfig::default(), Arc::new(UaParser::new().unwrap())).unwrap();
-        let monitor = Monitor::new(None, Arc::new(enricher), clock.clone()).unwrap();
+        let (clock, monitor) = monitor(None);
         let home: IpAddr = "192.0.2.1".parse().unwrap();
         monitor.bind("s1", "alice", monitor.enrich(home, "curl/8"));
         let from = |ip: &str| RequestInfo {
@@ -687,10 +684,7 @@ mod tests {
 
     #[test]
     fn a_session_with_an_unwritten_sighting_stays_in_memory_until_written() {
-        let clock = Arc::new(ManualClock::at(1_800_000_000));
-        let enricher =
-            Enricher::new(EnrichConfig::default(), Arc::new(UaParser::new().unwrap())).unwrap();
-        let monitor = Monitor::new(None, Arc::new(enricher), clock.clone()).unwrap();
+        let (clock, monitor) = monitor(None);
         let home: IpAddr = "192.0.2.1".parse().unwrap();
         monitor.bind("s1", "alice", monitor.enrich(home, "curl/8"));
         let request = RequestInfo {
