@@ -19,9 +19,19 @@ use crate::store::{SharedStore, StoredEvent};
 /// Bytes reserved for one event's JSON line.
 const LINE_CAPACITY: usize = 1024;
 
+std::thread_local! {
+    /// Where each event's line is written before it is copied out at its length:
+    /// a line is 500–700 bytes, and a queued line keeps no spare room.
+    static LINE: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(Vec::with_capacity(LINE_CAPACITY));
+}
+
 /// The stored form: the columns events are filtered by, plus the JSON line. A NUL character (which
 /// PostgreSQL refuses in text, and which would fail the whole batch it travels
 /// in) is stored as U+FFFD.
+///
+/// Made on the request path, as the event is recorded: its strings are read while
+/// they are still in the cache, and freed on the thread that made them.
 fn stored(e: Event) -> Option<StoredEvent> {
     let clean = |s: Option<String>| {
         s.map(|s| {
@@ -32,11 +42,13 @@ fn stored(e: Event) -> Option<StoredEvent> {
             }
         })
     };
-    // Sized for a typical line (a browser's request with its enrichment is 500–700
-    // bytes), so that it is not copied again as it grows.
-    let mut line = Vec::with_capacity(LINE_CAPACITY);
-    e.write_json(&mut line).ok()?;
-    let mut event = String::from_utf8(line).ok()?;
+    let line = LINE.with_borrow_mut(|line| {
+        line.clear();
+        e.write_json(line).ok()?;
+        let line = line.as_slice().to_vec();
+        String::from_utf8(line).ok()
+    });
+    let mut event = line?;
     if event.contains("\\u0000") {
         event = without_nul_escapes(&event);
     }
@@ -546,14 +558,15 @@ pub const LINGER: Duration = Duration::from_millis(100);
 
 /// The bounded queue in front of the event writer, and live subscribers.
 pub struct EventSink {
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::Sender<StoredEvent>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     live: broadcast::Sender<Arc<String>>,
     /// Queued successfully.
     accepted: AtomicU64,
     /// Dropped because the queue was full.
     dropped_full: AtomicU64,
-    /// Queued, but the database refused the batch.
+    /// Accepted, but not stored: the database refused the batch (or, never seen,
+    /// the event could not be written as a line).
     dropped_failed: AtomicU64,
     written: AtomicU64,
     capacity: usize,
@@ -566,7 +579,7 @@ impl EventSink {
     pub fn new(
         capacity: usize,
         metrics: Option<Arc<crate::metrics::Metrics>>,
-    ) -> (Arc<Self>, mpsc::Receiver<Event>) {
+    ) -> (Arc<Self>, mpsc::Receiver<StoredEvent>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let (live, _) = broadcast::channel(1024);
         (
@@ -585,17 +598,23 @@ impl EventSink {
         )
     }
 
-    /// Queues the event; never waits. A full queue drops it and counts the drop.
+    /// Queues the event as its stored form (its line written here, on the request
+    /// path); never waits. A full queue drops it and counts the drop.
     pub fn record(&self, event: Event) {
         if let Some(m) = &self.metrics {
             m.observe(&event);
         }
-        if self.live.receiver_count() > 0
-            && let Ok(line) = serde_json::to_string(&event)
-        {
-            let _ = self.live.send(Arc::new(line));
+        let Some(row) = stored(event) else {
+            // An event that cannot be encoded counts as lost, not silently.
+            self.accepted.fetch_add(1, Ordering::Relaxed);
+            self.dropped_failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if self.live.receiver_count() > 0 {
+            // Live subscribers see the line as it is stored.
+            let _ = self.live.send(Arc::new(row.event.clone()));
         }
-        if self.tx.try_send(event).is_ok() {
+        if self.tx.try_send(row).is_ok() {
             self.accepted.fetch_add(1, Ordering::Relaxed);
             let queued = self.capacity.saturating_sub(self.tx.capacity());
             if queued * 2 >= self.batch_limit() {
@@ -656,7 +675,11 @@ impl EventSink {
     /// batch waits in the queue ([`EventSink::record`] wakes it then), not at every
     /// event: at a moderate rate a wake-up per request was a visible share of the CPU
     /// each request costs.
-    pub async fn run_writer(self: Arc<Self>, mut rx: mpsc::Receiver<Event>, store: SharedStore) {
+    pub async fn run_writer(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<StoredEvent>,
+        store: SharedStore,
+    ) {
         let limit = self.batch_limit();
         let mut batch = Vec::with_capacity(limit);
         while let Some(first) = rx.recv().await {
@@ -679,11 +702,7 @@ impl EventSink {
                     () = self.filling.notified() => {}
                 }
             }
-            let queued = batch.len();
-            let rows: Arc<[StoredEvent]> = batch.drain(..).filter_map(stored).collect();
-            // An event that cannot be encoded counts as lost, not silently.
-            self.dropped_failed
-                .fetch_add((queued - rows.len()) as u64, Ordering::Relaxed);
+            let rows: Arc<[StoredEvent]> = batch.drain(..).collect();
             let mut result = store.insert_events(Arc::clone(&rows)).await;
             if result.is_err() {
                 // One retry covers a blip (a failover, a lock timeout) without losing the batch.

@@ -136,7 +136,7 @@ pub struct Application {
     state: AppState,
     database_url: String,
     change_retention: Duration,
-    event_rx: Option<tokio::sync::mpsc::Receiver<crate::events::Event>>,
+    event_rx: Option<tokio::sync::mpsc::Receiver<crate::store::StoredEvent>>,
     event_retention: Duration,
 }
 
