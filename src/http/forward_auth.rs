@@ -13,6 +13,7 @@
 //! anything else is answered 400 rather than guessed at, so an oversized or doubled
 //! `Referer` cannot slip past a referrer rule.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 
 use axum::Router;
@@ -328,6 +329,24 @@ struct Page<'a> {
     redirect: bool,
 }
 
+/// The body of a refused request (RFC 9457), its fields in the order they have
+/// always been written.
+#[derive(serde::Serialize)]
+struct Problem<'a> {
+    decision: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    login_url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reauth_url: Option<&'a str>,
+    retry_after: Option<u64>,
+    rules: Vec<&'a str>,
+    status: u16,
+    title: &'static str,
+    #[serde(rename = "type")]
+    problem_type: Cow<'static, str>,
+    user_message: Option<&'a str>,
+}
+
 /// What the gateway may pass on to whoever holds the token: the decision, the user
 /// message, the rule ids and where to go. Never the details, which describe the
 /// victim's binding.
@@ -344,25 +363,30 @@ fn problem(
         .filter(|r| r.mode == ReasonMode::Enforce)
         .map(|r| r.rule.as_str())
         .collect();
-    let key = if d.decision == "step_up" {
-        "reauth_url"
-    } else {
-        "login_url"
+    let next = next_url.filter(|_| d.decision != "deny");
+    let step_up = d.decision == "step_up";
+    let body = Problem {
+        decision: d.decision,
+        login_url: next.filter(|_| !step_up),
+        reauth_url: next.filter(|_| step_up),
+        retry_after: d.retry_after,
+        rules,
+        status: status.as_u16(),
+        title: match d.decision {
+            "step_up" => "Re-authentication required",
+            "deny" => "Too many requests",
+            _ => "Invalid token",
+        },
+        problem_type: match d.decision {
+            "step_up" => Cow::Borrowed("urn:tokenwarden:problem:step_up"),
+            "deny" => Cow::Borrowed("urn:tokenwarden:problem:deny"),
+            "revoke" => Cow::Borrowed("urn:tokenwarden:problem:revoke"),
+            "revoke_user" => Cow::Borrowed("urn:tokenwarden:problem:revoke_user"),
+            "invalid" => Cow::Borrowed("urn:tokenwarden:problem:invalid"),
+            other => Cow::Owned(format!("urn:tokenwarden:problem:{other}")),
+        },
+        user_message: d.user_message.as_deref(),
     };
-    let mut body = serde_json::json!({
-        "type": format!("urn:tokenwarden:problem:{}", d.decision),
-        "title": match d.decision { "step_up" => "Re-authentication required", "deny" => "Too many requests", _ => "Invalid token" },
-        "status": status.as_u16(),
-        "decision": d.decision,
-        "user_message": d.user_message,
-        "rules": rules,
-        "retry_after": d.retry_after,
-    });
-    if d.decision != "deny"
-        && let Some(url) = next_url
-    {
-        body[key] = url.into();
-    }
     let mut r = (status, axum::Json(body)).into_response();
     let h = r.headers_mut();
     h.insert(
@@ -554,6 +578,83 @@ async fn forward_auth(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The refusal's body is what the `serde_json::json!` map it replaced wrote, byte
+    /// for byte, for every decision, with and without a page to go to.
+    #[tokio::test]
+    async fn a_refusal_body_is_written_as_before() {
+        let reason = |rule: &str, mode| crate::risk::Reason {
+            rule: rule.into(),
+            kind: "rate".into(),
+            points: 10,
+            mode,
+            detail: "the victim's binding".into(),
+        };
+        for decision in [
+            "step_up",
+            "deny",
+            "revoke",
+            "revoke_user",
+            "invalid",
+            "allow",
+        ] {
+            for url in [None, Some("https://app.example/login?x=1")] {
+                for (message, retry) in [(None, None), (Some("Please sign in \"again\"."), Some(7))]
+                {
+                    let d = Decision {
+                        decision,
+                        score: 0,
+                        session_risk: 0.0,
+                        subject: None,
+                        session_id: None,
+                        jti: None,
+                        reasons: vec![
+                            reason("burst", ReasonMode::Enforce),
+                            reason("quiet", ReasonMode::Shadow),
+                            reason("geo", ReasonMode::Enforce),
+                        ],
+                        user_message: message.map(str::to_owned),
+                        retry_after: retry,
+                        shadow_decision: None,
+                        rules_hash: None,
+                    };
+                    let page = Page {
+                        url,
+                        path: Some("/a"),
+                        redirect: false,
+                    };
+                    let r = problem(StatusCode::UNAUTHORIZED, &d, None, page);
+                    let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+                        .await
+                        .unwrap();
+                    let key = if decision == "step_up" {
+                        "reauth_url"
+                    } else {
+                        "login_url"
+                    };
+                    let mut before = serde_json::json!({
+                        "type": format!("urn:tokenwarden:problem:{decision}"),
+                        "title": match decision { "step_up" => "Re-authentication required", "deny" => "Too many requests", _ => "Invalid token" },
+                        "status": 401,
+                        "decision": decision,
+                        "user_message": message,
+                        "rules": ["burst", "geo"],
+                        "retry_after": retry,
+                    });
+                    if decision != "deny"
+                        && let Some(url) = url
+                    {
+                        before[key] = url.into();
+                    }
+                    assert_eq!(
+                        String::from_utf8_lossy(&body),
+                        serde_json::to_string(&before).unwrap(),
+                        "{decision} {url:?} {message:?}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_risk_header_reads_as_the_risk_formatted() {
