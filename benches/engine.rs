@@ -324,11 +324,12 @@ fn audit_batches(c: &mut Criterion) {
             black_box(line.len())
         })
     });
+    let mut text = String::with_capacity(1024);
     group.bench_function("json_line_written", |b| {
         b.iter(|| {
-            line.clear();
-            black_box(&event).write_json(&mut line).unwrap();
-            black_box(line.len())
+            text.clear();
+            black_box(&event).write_json(&mut text).unwrap();
+            black_box(text.len())
         })
     });
     let mut ts = 1_800_000_000_000i64;

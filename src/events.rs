@@ -22,8 +22,8 @@ const LINE_CAPACITY: usize = 1024;
 std::thread_local! {
     /// Where each event's line is written before it is copied out at its length:
     /// a line is 500–700 bytes, and a queued line keeps no spare room.
-    static LINE: std::cell::RefCell<Vec<u8>> =
-        std::cell::RefCell::new(Vec::with_capacity(LINE_CAPACITY));
+    static LINE: std::cell::RefCell<String> =
+        std::cell::RefCell::new(String::with_capacity(LINE_CAPACITY));
 }
 
 /// The stored form: the columns events are filtered by, plus the JSON line. A NUL character (which
@@ -45,8 +45,8 @@ fn stored(e: Event) -> Option<StoredEvent> {
     let line = LINE.with_borrow_mut(|line| {
         line.clear();
         e.write_json(line).ok()?;
-        let line = line.as_slice().to_vec();
-        String::from_utf8(line).ok()
+        // Allocated at the line's length.
+        Some(line.clone())
     });
     let mut event = line?;
     if event.contains("\\u0000") {
@@ -65,89 +65,89 @@ fn stored(e: Event) -> Option<StoredEvent> {
     })
 }
 
-/// A JSON object being written: `{` before the first field, `,` before the others.
+/// A JSON object being written after its first field (`{"ts":"…"`, always there):
+/// every other field is written with its `,"name":` prefix, given whole.
 struct Line<'a> {
-    out: &'a mut Vec<u8>,
-    first: bool,
+    out: &'a mut String,
 }
 
 impl Line<'_> {
-    /// `"name":` (every name here is plain ASCII that needs no escaping).
-    fn key(&mut self, name: &str) {
-        self.out.push(if self.first { b'{' } else { b',' });
-        self.first = false;
-        self.out.push(b'"');
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.extend_from_slice(b"\":");
-    }
-
-    fn text(&mut self, name: &str, value: Option<&str>) {
+    fn text(&mut self, prefix: &str, value: Option<&str>) {
         if let Some(value) = value {
-            self.key(name);
-            self.out.push(b'"');
+            self.out.push_str(prefix);
+            self.out.push('"');
             escape_into(self.out, value);
-            self.out.push(b'"');
+            self.out.push('"');
         }
     }
 
-    fn value<T: Serialize + ?Sized>(
-        &mut self,
-        name: &str,
-        value: Option<&T>,
-    ) -> serde_json::Result<()> {
+    /// An integer as serde_json writes it (itoa, as serde_json does).
+    fn int(&mut self, prefix: &str, value: Option<u32>) {
         if let Some(value) = value {
-            self.key(name);
-            serde_json::to_writer(&mut *self.out, value)?;
+            self.out.push_str(prefix);
+            self.out.push_str(itoa::Buffer::new().format(value));
         }
-        Ok(())
+    }
+
+    /// A float as serde_json writes it: zmij's shortest form, or `null` for NaN and
+    /// the infinities.
+    fn float(&mut self, prefix: &str, value: Option<f64>) {
+        if let Some(value) = value {
+            self.out.push_str(prefix);
+            if value.is_finite() {
+                self.out.push_str(zmij::Buffer::new().format_finite(value));
+            } else {
+                self.out.push_str("null");
+            }
+        }
     }
 }
 
 /// Text written into a JSON string as serde_json escapes it: `"` and `\` with a
 /// backslash; the control characters as `\b`, `\t`, `\n`, `\f`, `\r` or `\u00xx`;
 /// everything else as it is.
-fn escape_into(out: &mut Vec<u8>, text: &str) {
+fn escape_into(out: &mut String, text: &str) {
     let bytes = text.as_bytes();
     // One pass without an early exit, which the compiler turns into wide compares.
     let needs_escape = bytes.iter().fold(false, |any, &b| {
         any | (b < 0x20) | (b == b'"') | (b == b'\\')
     });
     if !needs_escape {
-        out.extend_from_slice(bytes);
+        out.push_str(text);
         return;
     }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    const HEX: &[char; 16] = &[
+        '0', '1', '2', '3', '4', '5', '6', '7', '8', '9', 'a', 'b', 'c', 'd', 'e', 'f',
+    ];
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let short = match b {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            0x08 => b'b',
-            b'\t' => b't',
-            b'\n' => b'n',
-            0x0c => b'f',
-            b'\r' => b'r',
-            0x00..=0x1f => b'u',
+            b'"' => '"',
+            b'\\' => '\\',
+            0x08 => 'b',
+            b'\t' => 't',
+            b'\n' => 'n',
+            0x0c => 'f',
+            b'\r' => 'r',
+            0x00..=0x1f => 'u',
             _ => continue,
         };
-        out.extend_from_slice(&bytes[start..i]);
-        out.push(b'\\');
+        // `i` is the index of an ASCII character, so a boundary between characters.
+        out.push_str(&text[start..i]);
+        out.push('\\');
         out.push(short);
-        if short == b'u' {
-            out.extend_from_slice(&[
-                b'0',
-                b'0',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 0xf)],
-            ]);
+        if short == 'u' {
+            out.push_str("00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
         }
         start = i + 1;
     }
-    out.extend_from_slice(&bytes[start..]);
+    out.push_str(&text[start..]);
 }
 
 /// A `fmt::Write` into a JSON string under way, escaping what it is given.
-struct Escaping<'a>(&'a mut Vec<u8>);
+struct Escaping<'a>(&'a mut String);
 
 impl std::fmt::Write for Escaping<'_> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
@@ -391,12 +391,13 @@ fn format_second(second: i64) -> Option<String> {
 }
 
 impl Event {
-    /// The event's JSON line: the bytes `serde_json::to_writer` writes for it (a test
-    /// holds the two equal), written field by field. Text is checked for characters
-    /// to escape in one pass over it and copied whole when there are none (almost
-    /// always), where serde_json looks each byte up in turn; the numbers and reasons
-    /// are left to serde_json.
-    pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+    /// The event's JSON line: the text `serde_json::to_string` writes for it (a test
+    /// holds the two equal), written field by field into a `String`, so it is never
+    /// checked for UTF-8 again. Text is checked for characters to escape in one pass
+    /// over it and copied whole when there are none (almost always), where serde_json
+    /// looks each byte up in turn; numbers are written with the crates serde_json
+    /// uses (itoa, zmij), and the reasons are left to serde_json.
+    pub fn write_json(&self, out: &mut String) -> serde_json::Result<()> {
         // Taken apart whole, so that a field added to `Event` cannot be left out here.
         let Event {
             ts,
@@ -425,44 +426,48 @@ impl Event {
             ua_fingerprint,
             detail,
         } = self;
-        let mut line = Line { out, first: true };
-        line.text("ts", Some(ts));
-        line.text("kind", Some(kind.as_str()));
-        line.text("session_id", session_id.as_deref());
-        line.text("subject", subject.as_deref());
-        line.text("ip", ip.as_deref());
-        line.text("user_agent", user_agent.as_deref());
-        line.text("method", method.as_deref());
-        line.text("path", path.as_deref());
-        line.text("referrer", referrer.as_deref());
-        line.text("origin", origin.as_deref());
-        line.text("sec_fetch_site", sec_fetch_site.as_deref());
-        line.value("cost", cost.as_ref())?;
-        line.text("decision", decision.as_deref());
-        line.value("score", score.as_ref())?;
-        line.value("session_risk", session_risk.as_ref())?;
-        line.value("reasons", Some(reasons).filter(|r| !r.is_empty()))?;
-        line.text("rules_hash", rules_hash.as_deref());
-        line.text("country", country.as_deref());
-        line.text("city", city.as_deref());
-        line.value("asn", asn.as_ref())?;
-        line.value("latitude", latitude.as_ref())?;
-        line.value("longitude", longitude.as_ref())?;
-        line.value("radius_km", radius_km.as_ref())?;
+        out.push_str("{\"ts\":\"");
+        escape_into(out, ts);
+        out.push('"');
+        let mut line = Line { out };
+        line.text(",\"kind\":", Some(kind.as_str()));
+        line.text(",\"session_id\":", session_id.as_deref());
+        line.text(",\"subject\":", subject.as_deref());
+        line.text(",\"ip\":", ip.as_deref());
+        line.text(",\"user_agent\":", user_agent.as_deref());
+        line.text(",\"method\":", method.as_deref());
+        line.text(",\"path\":", path.as_deref());
+        line.text(",\"referrer\":", referrer.as_deref());
+        line.text(",\"origin\":", origin.as_deref());
+        line.text(",\"sec_fetch_site\":", sec_fetch_site.as_deref());
+        line.int(",\"cost\":", *cost);
+        line.text(",\"decision\":", decision.as_deref());
+        line.int(",\"score\":", *score);
+        line.float(",\"session_risk\":", *session_risk);
+        if !reasons.is_empty() {
+            line.out.push_str(",\"reasons\":");
+            line.out.push_str(&serde_json::to_string(reasons)?);
+        }
+        line.text(",\"rules_hash\":", rules_hash.as_deref());
+        line.text(",\"country\":", country.as_deref());
+        line.text(",\"city\":", city.as_deref());
+        line.int(",\"asn\":", *asn);
+        line.float(",\"latitude\":", *latitude);
+        line.float(",\"longitude\":", *longitude);
+        line.float(",\"radius_km\":", *radius_km);
         match ua_fingerprint {
             Some(UaKey::Shared(f)) => {
                 use std::fmt::Write;
-                line.key("ua_fingerprint");
-                line.out.push(b'"');
+                line.out.push_str(",\"ua_fingerprint\":\"");
                 // Written straight into the line, escaped as it goes.
                 write!(Escaping(line.out), "{f}").map_err(serde::ser::Error::custom)?;
-                line.out.push(b'"');
+                line.out.push('"');
             }
-            Some(UaKey::Text(t)) => line.text("ua_fingerprint", Some(t)),
+            Some(UaKey::Text(t)) => line.text(",\"ua_fingerprint\":", Some(t)),
             None => {}
         }
-        line.text("detail", detail.as_deref());
-        line.out.push(b'}');
+        line.text(",\"detail\":", detail.as_deref());
+        line.out.push('}');
         Ok(())
     }
 
@@ -758,10 +763,11 @@ mod tests {
     }
 
     /// The line written field by field is the one serde_json writes, byte for
-    /// byte: every field given, none, and text holding every ASCII character,
-    /// non-ASCII letters, U+2028 and an emoji.
+    /// byte: every field given, none, text holding every ASCII character,
+    /// non-ASCII letters, U+2028 and an emoji, and numbers of every shape (zero,
+    /// negative zero, the smallest subnormal, the infinities, large and small).
     #[test]
-    fn the_line_is_the_bytes_serde_json_writes() {
+    fn the_line_is_the_text_serde_json_writes() {
         let ascii: String = (0_u8..0x80).map(char::from).collect();
         let texts = [
             String::new(),
@@ -821,17 +827,29 @@ mod tests {
             partial.latitude = Some(0.0);
             events.extend([shared, text, partial]);
         }
+        // Numbers of every shape the writers could format differently.
+        for (x, n) in [
+            (0.0, 0),
+            (-0.0, 1),
+            (5e-324, 9),
+            (f64::INFINITY, 10),
+            (f64::NEG_INFINITY, 99),
+            (1e16, 100_000),
+            (0.1, u32::MAX - 1),
+            (-1e-7, 7),
+        ] {
+            let mut e = Event::new(EventKind::Request, 0);
+            (e.cost, e.score, e.asn) = (Some(n), Some(n), Some(n));
+            e.session_risk = Some(x);
+            e.latitude = Some(x);
+            e.longitude = Some(-x);
+            e.radius_km = Some(x * 3.0);
+            events.push(e);
+        }
         for e in &events {
-            let mut line = Vec::new();
+            let mut line = String::new();
             e.write_json(&mut line).unwrap();
-            let expected = serde_json::to_vec(e).unwrap();
-            assert_eq!(
-                line,
-                expected,
-                "{}\n{}",
-                String::from_utf8_lossy(&line),
-                String::from_utf8_lossy(&expected)
-            );
+            assert_eq!(line, serde_json::to_string(e).unwrap());
         }
     }
 
