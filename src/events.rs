@@ -42,12 +42,24 @@ fn stored(e: Event) -> Option<StoredEvent> {
             }
         })
     };
-    let line = LINE.with_borrow_mut(|line| {
+    let write = |line: &mut String| {
         line.clear();
         e.write_json(line).ok()?;
         // Allocated at the line's length.
-        Some(line.clone())
-    });
+        let written = line.clone();
+        // One very long line (a huge user agent) does not stay with the thread.
+        if line.capacity() > 4 * LINE_CAPACITY {
+            line.shrink_to(LINE_CAPACITY);
+        }
+        Some(written)
+    };
+    let line = LINE
+        .try_with(|buffer| match buffer.try_borrow_mut() {
+            Ok(mut buffer) => write(&mut buffer),
+            Err(_) => write(&mut String::new()),
+        })
+        // The thread is exiting and its buffer is gone: a buffer of its own.
+        .unwrap_or_else(|_| write(&mut String::new()));
     let mut event = line?;
     if event.contains("\\u0000") {
         event = without_nul_escapes(&event);
@@ -566,7 +578,8 @@ pub struct EventSink {
     tx: mpsc::Sender<StoredEvent>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     live: broadcast::Sender<Arc<String>>,
-    /// Queued successfully.
+    /// Queued, or taken and then found impossible to write as a line (counted
+    /// in `dropped_failed` too).
     accepted: AtomicU64,
     /// Dropped because the queue was full.
     dropped_full: AtomicU64,
@@ -609,17 +622,30 @@ impl EventSink {
         if let Some(m) = &self.metrics {
             m.observe(&event);
         }
+        // The queue's place is taken first: when the database cannot keep up and
+        // nobody watches live, a dropped event costs no line.
+        let place = self.tx.try_reserve().ok();
+        let watched = self.live.receiver_count() > 0;
+        if place.is_none() && !watched {
+            self.dropped_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let Some(row) = stored(event) else {
             // An event that cannot be encoded counts as lost, not silently.
-            self.accepted.fetch_add(1, Ordering::Relaxed);
-            self.dropped_failed.fetch_add(1, Ordering::Relaxed);
+            if place.is_some() {
+                self.accepted.fetch_add(1, Ordering::Relaxed);
+                self.dropped_failed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.dropped_full.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         };
-        if self.live.receiver_count() > 0 {
+        if watched {
             // Live subscribers see the line as it is stored.
             let _ = self.live.send(Arc::new(row.event.clone()));
         }
-        if self.tx.try_send(row).is_ok() {
+        if let Some(place) = place {
+            place.send(row);
             self.accepted.fetch_add(1, Ordering::Relaxed);
             let queued = self.capacity.saturating_sub(self.tx.capacity());
             if queued * 2 >= self.batch_limit() {
@@ -640,7 +666,8 @@ impl EventSink {
         self.live.subscribe()
     }
 
-    /// Events lost: queue full, or the database refused them.
+    /// Events lost: queue full, the database refused them, or they could not be
+    /// written as a line.
     pub fn dropped(&self) -> u64 {
         self.dropped_full.load(Ordering::Relaxed) + self.dropped_failed.load(Ordering::Relaxed)
     }
@@ -945,6 +972,21 @@ mod tests {
         assert_eq!(parse_ms("2027-01-15T08:00:00.00aZ"), None);
         assert_eq!(parse_ms("2027-13-15T08:00:00.007Z"), None, "month 13");
         assert_eq!(parse_ms("not a time"), None);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_while_live_watchers_still_see_each_event() {
+        let (sink, _rx) = EventSink::new(2, None);
+        for n in 0..5 {
+            sink.record(Event::new(EventKind::Request, n));
+        }
+        assert_eq!(sink.dropped_queue_full(), 3);
+        assert_eq!(sink.depth(), 2, "two queued, none stored");
+        let mut live = sink.subscribe();
+        sink.record(Event::new(EventKind::Request, 5).decision("deny"));
+        assert_eq!(sink.dropped_queue_full(), 4);
+        let line = live.try_recv().expect("the watcher saw the dropped event");
+        assert!(line.contains(r#""decision":"deny""#), "{line}");
     }
 
     #[test]

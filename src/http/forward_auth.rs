@@ -329,8 +329,10 @@ struct Page<'a> {
     redirect: bool,
 }
 
-/// The body of a refused request (RFC 9457), its fields in the order they have
-/// always been written.
+/// The body of a refused request (RFC 9457). Its fields are in alphabetical order,
+/// the order the `serde_json::json!` map it replaced wrote them in (serde_json's
+/// map is a `BTreeMap` without its `preserve_order` feature): keep a new field in
+/// that order.
 #[derive(serde::Serialize)]
 struct Problem<'a> {
     decision: &'a str,
