@@ -49,6 +49,7 @@ fn stored(e: Event) -> Option<StoredEvent> {
         let written = line.clone();
         // One very long line (a huge user agent) does not stay with the thread.
         if line.capacity() > 4 * LINE_CAPACITY {
+            line.clear();
             line.shrink_to(LINE_CAPACITY);
         }
         Some(written)
