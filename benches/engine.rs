@@ -56,6 +56,7 @@ fn claims(now: i64) -> AccessClaims {
         amr: None,
         extra: Default::default(),
         foreign: false,
+        cleared: Default::default(),
     }
 }
 

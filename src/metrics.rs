@@ -2,6 +2,7 @@
 //! are always bounded: endpoints, decisions, rule ids from the loaded rule file,
 //! a fixed set of revocation reasons — never a subject or an IP.
 
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -61,8 +62,10 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
-    pub requests: Family<RequestLabels, Counter>,
-    pub latency: Latency,
+    // Private: `answered` keeps handles to their series, which a series removed
+    // from the family would cut off from the exposition.
+    requests: Family<RequestLabels, Counter>,
+    latency: Latency,
     pub rule_hits: Family<RuleLabels, Counter>,
     pub revocations: Family<ReasonLabels, Counter>,
     pub rule_reloads: Family<ResultLabels, Counter>,
@@ -73,7 +76,22 @@ pub struct Metrics {
     pub geoip_age: Family<DatabaseLabels, Gauge<f64, AtomicU64>>,
     pub feed_lag: Gauge<f64, AtomicU64>,
     pub feed_connected: Gauge,
+    /// The series [`Metrics::answered`] updates, each found in its family once: a
+    /// family's lookup takes its lock and hashes the labels, on every request.
+    answered_series: [OnceLock<(Counter, Histogram)>; ANSWERED_SERIES],
 }
+
+/// The endpoints and decisions [`Metrics::answered`] remembers its series for.
+const ENDPOINTS: [&str; 2] = ["verify", "forward_auth"];
+const DECISIONS: [&str; 6] = [
+    "allow",
+    "step_up",
+    "deny",
+    "revoke",
+    "revoke_user",
+    "invalid",
+];
+const ANSWERED_SERIES: usize = ENDPOINTS.len() * DECISIONS.len();
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -97,6 +115,7 @@ impl Metrics {
             geoip_age: Family::default(),
             feed_lag: Gauge::default(),
             feed_connected: Gauge::default(),
+            answered_series: std::array::from_fn(|_| OnceLock::new()),
             registry: Registry::default(),
         };
         registry.register(
@@ -219,12 +238,33 @@ impl Metrics {
     }
 
     pub fn answered(&self, endpoint: &'static str, decision: &'static str, seconds: f64) {
-        self.requests
-            .get_or_create(&RequestLabels { endpoint, decision })
-            .inc();
-        self.latency
-            .get_or_create(&EndpointLabels { endpoint })
-            .observe(seconds);
+        let series = ENDPOINTS
+            .iter()
+            .position(|e| *e == endpoint)
+            .zip(DECISIONS.iter().position(|d| *d == decision))
+            .and_then(|(e, d)| self.answered_series.get(e * DECISIONS.len() + d));
+        let Some(series) = series else {
+            // Not one of the usual pairs: looked up as it comes.
+            self.requests
+                .get_or_create(&RequestLabels { endpoint, decision })
+                .inc();
+            self.latency
+                .get_or_create(&EndpointLabels { endpoint })
+                .observe(seconds);
+            return;
+        };
+        // Created on first use, as the family would: a pair never answered stays
+        // out of the exposition.
+        let (requests, latency) = series.get_or_init(|| {
+            (
+                self.requests
+                    .get_or_create_owned(&RequestLabels { endpoint, decision }),
+                self.latency
+                    .get_or_create_owned(&EndpointLabels { endpoint }),
+            )
+        });
+        requests.inc();
+        latency.observe(seconds);
     }
 
     /// The exposition text (OpenMetrics).
@@ -234,5 +274,64 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The remembered series are the families' own: what `answered` counts is what
+    /// the exposition shows, for every pair it remembers and for one it does not,
+    /// and a pair never answered is not in it.
+    #[test]
+    fn answered_requests_are_counted_in_their_families() {
+        let m = Metrics::new();
+        let mut expected = Vec::new();
+        let mut per_endpoint = [0; ENDPOINTS.len()];
+        for (e, endpoint) in ENDPOINTS.iter().enumerate() {
+            for (d, decision) in DECISIONS.iter().enumerate() {
+                // A different count for every pair, none for one of them.
+                let n = e * DECISIONS.len() + d;
+                for _ in 0..n {
+                    m.answered(endpoint, decision, 0.0002);
+                }
+                per_endpoint[e] += n;
+                expected.push((*endpoint, *decision, n));
+            }
+        }
+        m.answered("refresh", "allow", 0.003);
+        let text = m.render();
+        let value = |prefix: String| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .map(|v| v.trim().to_owned())
+        };
+        for (endpoint, decision, n) in expected {
+            let count = value(format!(
+                r#"tokenwarden_requests_total{{endpoint="{endpoint}",decision="{decision}"}}"#
+            ));
+            if n == 0 {
+                assert_eq!(count, None, "{endpoint} {decision} never answered\n{text}");
+            } else {
+                assert_eq!(count, Some(n.to_string()), "{endpoint} {decision}\n{text}");
+            }
+        }
+        for (endpoint, n) in ENDPOINTS.iter().zip(per_endpoint) {
+            assert_eq!(
+                value(format!(
+                    r#"tokenwarden_request_duration_seconds_count{{endpoint="{endpoint}"}}"#
+                )),
+                Some(n.to_string())
+            );
+        }
+        assert_eq!(
+            value(r#"tokenwarden_requests_total{endpoint="refresh",decision="allow"}"#.into()),
+            Some("1".into())
+        );
+        assert_eq!(
+            value(r#"tokenwarden_request_duration_seconds_count{endpoint="refresh"}"#.into()),
+            Some("1".into())
+        );
     }
 }

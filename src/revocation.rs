@@ -7,6 +7,8 @@
 //! Past `until` plus the allowed clock skew no such token verifies anyway, so
 //! the entry is dropped and memory stays bounded.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::{Deserialize, Serialize};
 
 use crate::ConcurrentMap;
@@ -81,6 +83,29 @@ pub struct RevocationView {
     sessions: ConcurrentMap<String, UnixSeconds>,
     epochs: ConcurrentMap<String, (i64, UnixSeconds)>,
     users: ConcurrentMap<String, (i64, UnixSeconds)>,
+    /// Counts the changes applied that can refuse a token, each counted after its
+    /// entry is in place: while it stands still, a token found clear stays clear.
+    version: AtomicU64,
+}
+
+/// The view's version at which one verified token was last found clear (plus one;
+/// zero: never). It travels with the token's claims in the verified-token cache, so
+/// a token seen again since the last revocation skips the view's lookups.
+#[derive(Debug, Default)]
+pub struct Cleared(AtomicU64);
+
+/// A copy has not been checked: only the claims the cache holds carry a memo.
+impl Clone for Cleared {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// Not part of what the claims say.
+impl PartialEq for Cleared {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl RevocationView {
@@ -115,8 +140,32 @@ impl RevocationView {
                 *e = (e.0.max(generation), e.1.max(until));
             }
             // Risk state, not revocation: the monitor handles it.
-            Change::StepUp { .. } => {}
+            Change::StepUp { .. } => return,
         }
+        // After the entry: a check that reads the version before its lookups and finds
+        // the token clear has either seen this entry or will see a newer version.
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// [`Self::check`], skipped for a token found clear since the last change that
+    /// can refuse one. Entries only ever grow or are pruned once no token they
+    /// refuse can verify, so a token found clear stays clear until the version moves.
+    ///
+    /// Sound only when `ids` are read from the claims that carry `cleared` (an id
+    /// from elsewhere, such as a foreign session's recorded generation, can change
+    /// without the version moving) and those claims are only ever checked against
+    /// this one view (a new view starts its count again).
+    pub fn check_remembered(&self, ids: TokenIds<'_>, cleared: &Cleared) -> Option<RevokedBy> {
+        // Read before the lookups: a change applied during them moves it.
+        let now = self.version.load(Ordering::Acquire).wrapping_add(1);
+        if cleared.0.load(Ordering::Relaxed) == now {
+            return None;
+        }
+        let revoked = self.check(ids);
+        if revoked.is_none() {
+            cleared.0.store(now, Ordering::Relaxed);
+        }
+        revoked
     }
 
     /// `Some(reason)` when the token must be refused.
@@ -210,6 +259,84 @@ mod tests {
             view.check(ids(1, 1)),
             Some(RevokedBy::User),
             "the widest reason wins"
+        );
+    }
+
+    #[test]
+    fn a_token_found_clear_is_refused_by_each_later_change() {
+        let changes = [
+            Change::SessionEpoch {
+                session_id: "s1".into(),
+                epoch: 1,
+                until: 100,
+            },
+            Change::UserGeneration {
+                subject: "alice".into(),
+                generation: 1,
+                until: 100,
+            },
+            Change::JtiRevoked {
+                jti: "j1".into(),
+                until: 100,
+            },
+            Change::SessionRevoked {
+                session_id: "s1".into(),
+                until: 100,
+            },
+        ];
+        for change in changes {
+            let view = RevocationView::new();
+            let cleared = Cleared::default();
+            assert_eq!(view.check_remembered(ids(0, 0), &cleared), None);
+            assert_eq!(view.check_remembered(ids(0, 0), &cleared), None);
+            // Another session's change moves the version too; the token is checked again.
+            view.apply(Change::JtiRevoked {
+                jti: "other".into(),
+                until: 100,
+            });
+            assert_eq!(view.check_remembered(ids(0, 0), &cleared), None);
+            view.apply(change.clone());
+            assert!(
+                view.check_remembered(ids(0, 0), &cleared).is_some(),
+                "{change:?}"
+            );
+            assert_eq!(
+                view.check_remembered(ids(0, 0), &cleared),
+                view.check(ids(0, 0)),
+                "{change:?}: refused again, for the same reason"
+            );
+        }
+    }
+
+    #[test]
+    fn a_remembered_token_skips_the_lookups_until_the_version_moves() {
+        let view = RevocationView::new();
+        let cleared = Cleared::default();
+        assert_eq!(view.check_remembered(ids(0, 0), &cleared), None);
+        // An entry put in place without counting it, as `apply` never does: only the
+        // memo can explain the token passing.
+        view.jtis.insert("j1".into(), 100);
+        assert_eq!(view.check(ids(0, 0)), Some(RevokedBy::Token));
+        assert_eq!(view.check_remembered(ids(0, 0), &cleared), None);
+        assert_eq!(
+            view.check_remembered(ids(0, 0), &cleared.clone()),
+            Some(RevokedBy::Token),
+            "a copy of the claims carries no memo"
+        );
+        // A step-up is not a revocation: remembered tokens stay remembered.
+        view.apply(Change::StepUp {
+            session_id: "s1".into(),
+            message: None,
+        });
+        assert_eq!(view.check_remembered(ids(0, 0), &cleared), None);
+        view.apply(Change::SessionEpoch {
+            session_id: "s2".into(),
+            epoch: 1,
+            until: 100,
+        });
+        assert_eq!(
+            view.check_remembered(ids(0, 0), &cleared),
+            Some(RevokedBy::Token)
         );
     }
 

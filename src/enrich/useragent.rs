@@ -65,23 +65,16 @@ pub struct UaFingerprint {
     pub device: DeviceClass,
 }
 
-/// The key form (see [`UaFingerprint::key`]), written without building a string:
-/// audit events write it straight into their JSON line.
+/// The key form (see [`UaFingerprint::key`]), written without building a string.
 impl fmt::Display for UaFingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use fmt::Write;
-        let major = self.major.as_deref().unwrap_or("-");
-        for part in [self.family.as_str(), major, self.os.as_str()] {
-            // A `/` inside a name would forge a different key.
-            for (i, piece) in part.split('/').enumerate() {
-                if i > 0 {
-                    f.write_char('_')?;
-                }
-                f.write_str(piece)?;
+        let mut result = Ok(());
+        self.key_pieces(|piece| {
+            if result.is_ok() {
+                result = f.write_str(piece);
             }
-            f.write_char('/')?;
-        }
-        f.write_str(self.device.as_str())
+        });
+        result
     }
 }
 
@@ -99,6 +92,24 @@ impl UaFingerprint {
     /// A compact stable form, e.g. `Firefox/133/Linux/desktop` (`-` for no version).
     pub fn key(&self) -> String {
         self.to_string()
+    }
+
+    /// The key, piece by piece, to whatever writes it: audit events write it
+    /// straight into their JSON line, escaped as it goes, without the formatting
+    /// machinery.
+    pub fn key_pieces(&self, mut write: impl FnMut(&str)) {
+        let major = self.major.as_deref().unwrap_or("-");
+        for part in [self.family.as_str(), major, self.os.as_str()] {
+            // A `/` inside a name would forge a different key.
+            for (i, piece) in part.split('/').enumerate() {
+                if i > 0 {
+                    write("_");
+                }
+                write(piece);
+            }
+            write("/");
+        }
+        write(self.device.as_str());
     }
 
     /// The fingerprint of a request that sent no user agent.

@@ -65,58 +65,151 @@ impl ForwardAuth {
 /// re-authentication or sign-in page, with the request's path as `next`.
 const REDIRECT_HEADER: &str = "x-auth-redirect";
 
-// The gateway headers read on every request, named once: a lookup by `&str` parses
-// and checks the name each time.
-const X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
-const X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
-const X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
-const X_FORWARDED_METHOD: HeaderName = HeaderName::from_static("x-forwarded-method");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
-const SEC_FETCH_MODE: HeaderName = HeaderName::from_static("sec-fetch-mode");
 
-/// The one value of a header, if present. Doubled, unreadable or oversized is an error.
-fn single<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Result<Option<&'h str>, ApiError> {
-    let mut values = headers.get_all(name).iter();
-    let Some(first) = values.next() else {
-        return Ok(None);
-    };
-    if values.next().is_some() {
-        return Err(ApiError::BadRequest(format!(
-            "{name}: sent more than once; the request is ambiguous"
-        )));
-    }
-    if first.len() > MAX_CONTEXT_FIELD {
-        return Err(ApiError::BadRequest(format!(
-            "{name}: longer than {MAX_CONTEXT_FIELD} bytes"
-        )));
-    }
-    let value = first
-        .to_str()
-        .map_err(|_| ApiError::BadRequest(format!("{name}: not printable ASCII")))?;
-    Ok(Some(value))
+/// The headers read for a value of their own: each must be present at most once.
+/// `Authorization` stays last (it sizes the table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    OriginalUri,
+    ForwardedUri,
+    OriginalMethod,
+    ForwardedMethod,
+    ForwardedProto,
+    ForwardedHost,
+    UserAgent,
+    Referer,
+    Origin,
+    SecFetchSite,
+    SecFetchMode,
+    Authorization,
 }
 
-/// The value of `names` (one gateway convention each), each checked. Gateways pass
-/// the client's own headers on and set only their own convention's, so two that
-/// disagree mean the client wrote one of them: refused, never picked from.
-fn one_of<'h>(headers: &'h HeaderMap, names: &[HeaderName]) -> Result<Option<&'h str>, ApiError> {
-    let mut found: Option<(&HeaderName, &'h str)> = None;
-    for name in names {
-        if let Some(v) = single(headers, name)? {
-            match found {
-                Some((first, prev)) if prev != v => {
-                    return Err(ApiError::BadRequest(format!(
-                        "{first} and {name} disagree; the request is ambiguous"
-                    )));
-                }
-                _ => found = Some((name, v)),
-            }
+impl Field {
+    const COUNT: usize = Self::Authorization as usize + 1;
+    #[cfg(test)]
+    const ALL: [Self; Self::COUNT] = [
+        Self::OriginalUri,
+        Self::ForwardedUri,
+        Self::OriginalMethod,
+        Self::ForwardedMethod,
+        Self::ForwardedProto,
+        Self::ForwardedHost,
+        Self::UserAgent,
+        Self::Referer,
+        Self::Origin,
+        Self::SecFetchSite,
+        Self::SecFetchMode,
+        Self::Authorization,
+    ];
+
+    fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "x-original-uri" => Self::OriginalUri,
+            "x-forwarded-uri" => Self::ForwardedUri,
+            "x-original-method" => Self::OriginalMethod,
+            "x-forwarded-method" => Self::ForwardedMethod,
+            "x-forwarded-proto" => Self::ForwardedProto,
+            "x-forwarded-host" => Self::ForwardedHost,
+            "user-agent" => Self::UserAgent,
+            "referer" => Self::Referer,
+            "origin" => Self::Origin,
+            "sec-fetch-site" => Self::SecFetchSite,
+            "sec-fetch-mode" => Self::SecFetchMode,
+            "authorization" => Self::Authorization,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::OriginalUri => "x-original-uri",
+            Self::ForwardedUri => "x-forwarded-uri",
+            Self::OriginalMethod => "x-original-method",
+            Self::ForwardedMethod => "x-forwarded-method",
+            Self::ForwardedProto => "x-forwarded-proto",
+            Self::ForwardedHost => "x-forwarded-host",
+            Self::UserAgent => "user-agent",
+            Self::Referer => "referer",
+            Self::Origin => "origin",
+            Self::SecFetchSite => "sec-fetch-site",
+            Self::SecFetchMode => "sec-fetch-mode",
+            Self::Authorization => "authorization",
         }
     }
-    Ok(found.map(|(_, v)| v))
+}
+
+/// The request's headers as this endpoint reads them, gathered in one pass: a
+/// lookup by name hashes the name and probes the map, and the dozen of them a
+/// request needed were a visible share of its cost.
+struct Gateway<'h> {
+    headers: &'h HeaderMap,
+    /// Each field's first value and how many it has (counted to two).
+    fields: [(Option<&'h HeaderValue>, u8); Field::COUNT],
+}
+
+impl<'h> Gateway<'h> {
+    fn read(headers: &'h HeaderMap) -> Self {
+        let mut fields = [(None, 0u8); Field::COUNT];
+        for (name, value) in headers {
+            if let Some(field) = Field::from_name(name.as_str()) {
+                let (first, count) = &mut fields[field as usize];
+                first.get_or_insert(value);
+                *count = count.saturating_add(1).min(2);
+            }
+        }
+        Self { headers, fields }
+    }
+
+    /// The first value, unchecked.
+    fn first(&self, field: Field) -> Option<&'h HeaderValue> {
+        self.fields[field as usize].0
+    }
+
+    /// The one value of a header, if present. Doubled, unreadable or oversized is an error.
+    fn single(&self, field: Field) -> Result<Option<&'h str>, ApiError> {
+        let name = field.name();
+        let (first, count) = self.fields[field as usize];
+        let Some(first) = first else {
+            return Ok(None);
+        };
+        if count > 1 {
+            return Err(ApiError::BadRequest(format!(
+                "{name}: sent more than once; the request is ambiguous"
+            )));
+        }
+        if first.len() > MAX_CONTEXT_FIELD {
+            return Err(ApiError::BadRequest(format!(
+                "{name}: longer than {MAX_CONTEXT_FIELD} bytes"
+            )));
+        }
+        let value = first
+            .to_str()
+            .map_err(|_| ApiError::BadRequest(format!("{name}: not printable ASCII")))?;
+        Ok(Some(value))
+    }
+
+    /// The value of `fields` (one gateway convention each), each checked. Gateways
+    /// pass the client's own headers on and set only their own convention's, so two
+    /// that disagree mean the client wrote one of them: refused, never picked from.
+    fn one_of(&self, fields: &[Field]) -> Result<Option<&'h str>, ApiError> {
+        let mut found: Option<(Field, &'h str)> = None;
+        for &field in fields {
+            if let Some(v) = self.single(field)? {
+                match found {
+                    Some((first, prev)) if prev != v => {
+                        return Err(ApiError::BadRequest(format!(
+                            "{} and {} disagree; the request is ambiguous",
+                            first.name(),
+                            field.name()
+                        )));
+                    }
+                    _ => found = Some((field, v)),
+                }
+            }
+        }
+        Ok(found.map(|(_, v)| v))
+    }
 }
 
 /// Where the access token came from.
@@ -130,13 +223,12 @@ enum Presented<'h> {
 /// (two headers, two cookies, a header and a cookie) are refused: the gateway must
 /// vouch for the token the app will act on, and which one that is is not ours to guess.
 fn presented_token<'h>(
-    headers: &'h HeaderMap,
+    gateway: &Gateway<'h>,
     cookie: Option<&str>,
 ) -> Result<Presented<'h>, ApiError> {
     let mut bearer = None;
-    let mut auth = headers.get_all(header::AUTHORIZATION).iter();
-    if let Some(value) = auth.next() {
-        if auth.next().is_some() {
+    if let (Some(value), count) = gateway.fields[Field::Authorization as usize] {
+        if count > 1 {
             return Err(ApiError::BadRequest(
                 "authorization: sent more than once; the request is ambiguous".into(),
             ));
@@ -159,7 +251,7 @@ fn presented_token<'h>(
     let mut from_cookie: Option<&str> = None;
     if let Some(name) = cookie {
         // Byte-wise: other cookies of the site may hold anything; only ours must be ASCII.
-        for value in headers.get_all(header::COOKIE) {
+        for value in gateway.headers.get_all(header::COOKIE) {
             for pair in value.as_bytes().split(|b| *b == b';') {
                 let pair = pair.trim_ascii();
                 let Some(eq) = pair.iter().position(|b| *b == b'=') else {
@@ -250,14 +342,14 @@ fn risk_header(risk: f64) -> Option<HeaderValue> {
 /// The protected request as the gateway describes it. `envoy_path` is the path
 /// appended to our prefix, if the gateway used that convention.
 fn forwarded_request(
-    headers: &HeaderMap,
+    gateway: &Gateway<'_>,
     client: IpAddr,
     method: &Method,
     envoy_path: Option<String>,
 ) -> Result<RequestInfo, ApiError> {
     let owned = |v: Option<&str>| v.filter(|v| !v.is_empty()).map(str::to_owned);
     let path = match (
-        one_of(headers, &[X_ORIGINAL_URI, X_FORWARDED_URI])?,
+        gateway.one_of(&[Field::OriginalUri, Field::ForwardedUri])?,
         envoy_path,
     ) {
         (Some(h), Some(e)) if h != e => {
@@ -269,29 +361,30 @@ fn forwarded_request(
         (Some(h), _) => Some(h.to_owned()),
         (None, e) => e,
     };
-    let method = match one_of(headers, &[X_ORIGINAL_METHOD, X_FORWARDED_METHOD])? {
+    let method = match gateway.one_of(&[Field::OriginalMethod, Field::ForwardedMethod])? {
         Some(m) => Some(method_name(m)),
         // Envoy (and a gateway calling us with the original method) says it this way.
         None if *method != Method::GET || path.is_some() => Some(method_name(method.as_str())),
         None => None,
     };
     // Checked for shape even though no rule reads them yet.
-    one_of(headers, &[X_FORWARDED_PROTO])?;
-    one_of(headers, &[X_FORWARDED_HOST])?;
+    gateway.single(Field::ForwardedProto)?;
+    gateway.single(Field::ForwardedHost)?;
     Ok(RequestInfo {
         ip: Some(client),
         // The token holder controls this header: missing is compared as an empty
         // user agent, never replaced by the bound one.
         user_agent: Some(
-            single(headers, &header::USER_AGENT)?
+            gateway
+                .single(Field::UserAgent)?
                 .unwrap_or_default()
                 .to_owned(),
         ),
         method,
         path,
-        referrer: owned(single(headers, &header::REFERER)?),
-        origin: owned(single(headers, &header::ORIGIN)?),
-        sec_fetch_site: owned(single(headers, &SEC_FETCH_SITE)?),
+        referrer: owned(gateway.single(Field::Referer)?),
+        origin: owned(gateway.single(Field::Origin)?),
+        sec_fetch_site: owned(gateway.single(Field::SecFetchSite)?),
         cost: None,
     })
 }
@@ -458,17 +551,18 @@ async fn forward_auth(
             None => rest.to_owned(),
         });
     let client = client_ip(peer_ip, headers, &state.trusted_proxies);
-    let request = match forwarded_request(headers, client, incoming.method(), envoy_path) {
+    let gateway = Gateway::read(headers);
+    let request = match forwarded_request(&gateway, client, incoming.method(), envoy_path) {
         Ok(r) => r,
         Err(e) => return bad_request(e),
     };
     // A browser navigating (not a script): it can be sent to a page.
     let redirect = fa.settings.redirect_navigations
         && request.method.as_deref().is_none_or(|m| m == "GET")
-        && headers
-            .get(SEC_FETCH_MODE)
+        && gateway
+            .first(Field::SecFetchMode)
             .is_some_and(|v| v.as_bytes() == b"navigate");
-    let token = match presented_token(headers, fa.settings.cookie.as_deref()) {
+    let token = match presented_token(&gateway, fa.settings.cookie.as_deref()) {
         Ok(Presented::Token(t)) => t,
         Ok(Presented::Nothing) => {
             let d = Decision {
@@ -658,6 +752,55 @@ mod tests {
         }
     }
 
+    /// Every field is found by its name as the request's header map spells it, and
+    /// a doubled or disagreeing header is refused in the words it always was.
+    #[test]
+    fn each_gateway_header_is_read_by_its_own_name() {
+        for (i, field) in Field::ALL.into_iter().enumerate() {
+            assert_eq!(field as usize, i);
+            let name = HeaderName::from_static(field.name());
+            assert_eq!(name.as_str(), field.name());
+            assert_eq!(Field::from_name(name.as_str()), Some(field));
+            let mut once = HeaderMap::new();
+            once.insert(name.clone(), HeaderValue::from_static("a"));
+            assert_eq!(Gateway::read(&once).first(field).unwrap(), "a");
+            let mut twice = once.clone();
+            twice.append(name.clone(), HeaderValue::from_static("b"));
+            let gateway = Gateway::read(&twice);
+            assert_eq!(
+                gateway.first(field).unwrap(),
+                "a",
+                "{name}: the first value"
+            );
+            match gateway.single(field) {
+                Err(ApiError::BadRequest(m)) => assert_eq!(
+                    m,
+                    format!("{name}: sent more than once; the request is ambiguous")
+                ),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let mut h = HeaderMap::new();
+        h.insert(X_ORIGINAL_URI_NAME, HeaderValue::from_static("/a"));
+        h.insert("x-forwarded-uri", HeaderValue::from_static("/b"));
+        match Gateway::read(&h).one_of(&[Field::OriginalUri, Field::ForwardedUri]) {
+            Err(ApiError::BadRequest(m)) => assert_eq!(
+                m,
+                "x-original-uri and x-forwarded-uri disagree; the request is ambiguous"
+            ),
+            other => panic!("{other:?}"),
+        }
+        h.insert("x-forwarded-uri", HeaderValue::from_static("/a"));
+        assert_eq!(
+            Gateway::read(&h)
+                .one_of(&[Field::OriginalUri, Field::ForwardedUri])
+                .unwrap(),
+            Some("/a")
+        );
+    }
+
+    const X_ORIGINAL_URI_NAME: HeaderName = HeaderName::from_static("x-original-uri");
+
     #[test]
     fn the_risk_header_reads_as_the_risk_formatted() {
         for risk in [
@@ -730,13 +873,16 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::COOKIE, HeaderValue::from_static("a=1; tw=tok; b=2"));
         assert!(matches!(
-            presented_token(&h, Some("tw")),
+            presented_token(&Gateway::read(&h), Some("tw")),
             Ok(Presented::Token("tok"))
         ));
-        assert!(matches!(presented_token(&h, None), Ok(Presented::Nothing)));
+        assert!(matches!(
+            presented_token(&Gateway::read(&h), None),
+            Ok(Presented::Nothing)
+        ));
         h.append(header::COOKIE, HeaderValue::from_static("tw=other"));
         assert!(
-            presented_token(&h, Some("tw")).is_err(),
+            presented_token(&Gateway::read(&h), Some("tw")).is_err(),
             "two different cookies"
         );
         let mut both = HeaderMap::new();
@@ -747,7 +893,7 @@ mod tests {
         );
         assert!(
             matches!(
-                presented_token(&both, Some("tw")),
+                presented_token(&Gateway::read(&both), Some("tw")),
                 Ok(Presented::Token("abc"))
             ),
             "the same token twice is one token"
@@ -757,7 +903,7 @@ mod tests {
             HeaderValue::from_static("Bearer xyz"),
         );
         assert!(
-            presented_token(&both, Some("tw")).is_err(),
+            presented_token(&Gateway::read(&both), Some("tw")).is_err(),
             "a header and a cookie that disagree"
         );
         let mut utf8 = HeaderMap::new();
@@ -767,7 +913,7 @@ mod tests {
         );
         assert!(
             matches!(
-                presented_token(&utf8, Some("tw")),
+                presented_token(&Gateway::read(&utf8), Some("tw")),
                 Ok(Presented::Token("tok"))
             ),
             "another cookie's bytes do not hide ours"
@@ -782,7 +928,7 @@ mod tests {
             HeaderValue::from_static("Bearer def"),
         );
         assert!(
-            presented_token(&twice, None).is_err(),
+            presented_token(&Gateway::read(&twice), None).is_err(),
             "two Authorization headers"
         );
         let mut basic = HeaderMap::new();
@@ -793,14 +939,14 @@ mod tests {
         basic.insert(header::COOKIE, HeaderValue::from_static("tw=tok"));
         assert!(
             matches!(
-                presented_token(&basic, Some("tw")),
+                presented_token(&Gateway::read(&basic), Some("tw")),
                 Ok(Presented::Token("tok"))
             ),
             "another scheme is not ours; the cookie still is"
         );
         let mut empty = HeaderMap::new();
         empty.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer  "));
-        assert!(presented_token(&empty, None).is_err());
+        assert!(presented_token(&Gateway::read(&empty), None).is_err());
     }
 
     #[test]

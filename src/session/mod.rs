@@ -229,6 +229,7 @@ impl SessionService {
             amr,
             extra,
             foreign: false,
+            cleared: Default::default(),
         };
         Ok(self.codec.mint(&claims)?)
     }
@@ -517,14 +518,14 @@ impl SessionService {
             .codec
             .verify(token, self.clock.now())
             .map_err(Verdict::Invalid)?;
-        let revoked = self.view.check(TokenIds {
+        let ids = TokenIds {
             jti: &claims.jti,
             session_id: &claims.sid,
             subject: &claims.sub,
             generation: claims.generation,
             epoch: claims.epoch,
-        });
-        match revoked {
+        };
+        match self.view.check_remembered(ids, &claims.cleared) {
             Some(by) => Err(Verdict::Revoked(claims, by)),
             None => Ok(claims),
         }
@@ -572,6 +573,8 @@ impl SessionService {
         let Some((generation, exp_max)) = self.monitor.recorded(&claims.sid) else {
             return Ok(Some(RevokedBy::Session));
         };
+        // A plain check, never `check_remembered`: `generation` is the session's
+        // record, which can move without the view's count moving.
         if let Some(by) = self.view.check(TokenIds {
             jti: &claims.jti,
             session_id: &claims.sid,

@@ -326,6 +326,7 @@ impl ExternalIssuer {
             amr: c.amr,
             extra: serde_json::Map::new(),
             foreign: true,
+            cleared: Default::default(),
         })
     }
 }

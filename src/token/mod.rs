@@ -76,6 +76,10 @@ pub struct AccessClaims {
     /// session, `generation` is checked against the session's record, not the token.
     #[serde(skip)]
     pub foreign: bool,
+    /// When the revocation view last found this token clear (see
+    /// [`crate::revocation::Cleared`]).
+    #[serde(skip)]
+    pub cleared: crate::revocation::Cleared,
 }
 
 /// Claim names the app may not set through `claims`.
@@ -547,6 +551,7 @@ mod tests {
             amr: None,
             extra: Default::default(),
             foreign: false,
+            cleared: Default::default(),
         }
     }
 

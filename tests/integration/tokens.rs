@@ -293,6 +293,7 @@ fn claims(
             .map(|(k, v)| (format!("x_{k}"), Value::String(v)))
             .collect(),
         foreign: false,
+        cleared: Default::default(),
     }
 }
 
