@@ -304,24 +304,20 @@ impl<'de> Deserialize<'de> for UaKey {
 }
 
 /// An address as text, as it displays. An IPv4 address (nearly every request's)
-/// is written digit by digit, without the formatting machinery; an IPv6 one is
-/// formatted into a string with room for the longest (45 characters).
+/// is written octet by octet with itoa, as the line's integers are, without the
+/// formatting machinery; an IPv6 one is formatted into a string with room for the
+/// longest (45 characters).
 fn ip_text(ip: std::net::IpAddr) -> String {
     use std::fmt::Write;
     match ip {
         std::net::IpAddr::V4(v4) => {
             let mut text = String::with_capacity(15);
+            let mut digits = itoa::Buffer::new();
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
                     text.push('.');
                 }
-                if octet >= 100 {
-                    text.push(char::from(b'0' + octet / 100));
-                }
-                if octet >= 10 {
-                    text.push(char::from(b'0' + octet / 10 % 10));
-                }
-                text.push(char::from(b'0' + octet % 10));
+                text.push_str(digits.format(octet));
             }
             text
         }
