@@ -3,6 +3,7 @@
 //! whole service from [`Settings`], binds both listeners and runs them.
 
 mod admin;
+mod deadline;
 mod error;
 mod extract;
 mod forward_auth;
@@ -20,9 +21,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
 use tokio::net::TcpListener;
-use tower_http::timeout::TimeoutLayer;
 
 pub use error::ApiError;
 pub use verify::{Claim, Decision, decide};
@@ -83,10 +82,7 @@ pub fn app(state: AppState) -> impl HttpService {
         .merge(health::router())
         .with_state(state);
     tower::ServiceBuilder::new()
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            REQUEST_TIMEOUT,
-        ))
+        .layer(deadline::DeadlineLayer::new(REQUEST_TIMEOUT))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .service(router)
 }
