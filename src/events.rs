@@ -79,22 +79,27 @@ fn stored(e: Event) -> Option<StoredEvent> {
 }
 
 /// A JSON object being written after its first field (`{"ts":"…"`, always there):
-/// every other field is written with its `,"name":` prefix, given whole.
+/// every other field is written with its `,"name":` prefix, given whole (a text's
+/// prefix with its opening quote: `,"name":"`).
 struct Line<'a> {
     out: &'a mut String,
 }
 
+// Inlined into `write_json`, where each prefix is a constant: its copy is then a
+// few moves of known size, not a call to `memcpy`.
 impl Line<'_> {
+    /// `prefix` ends with the value's opening quote.
+    #[inline(always)]
     fn text(&mut self, prefix: &str, value: Option<&str>) {
         if let Some(value) = value {
             self.out.push_str(prefix);
-            self.out.push('"');
             escape_into(self.out, value);
             self.out.push('"');
         }
     }
 
     /// An integer as serde_json writes it (itoa, as serde_json does).
+    #[inline(always)]
     fn int(&mut self, prefix: &str, value: Option<u32>) {
         if let Some(value) = value {
             self.out.push_str(prefix);
@@ -104,6 +109,7 @@ impl Line<'_> {
 
     /// A float as serde_json writes it: zmij's shortest form, or `null` for NaN and
     /// the infinities.
+    #[inline(always)]
     fn float(&mut self, prefix: &str, value: Option<f64>) {
         if let Some(value) = value {
             self.out.push_str(prefix);
@@ -119,16 +125,23 @@ impl Line<'_> {
 /// Text written into a JSON string as serde_json escapes it: `"` and `\` with a
 /// backslash; the control characters as `\b`, `\t`, `\n`, `\f`, `\r` or `\u00xx`;
 /// everything else as it is.
+///
+/// Inlined where it is called: a text with nothing to escape (almost every one) is
+/// checked and copied there, and only one with something to escape makes a call.
+#[inline(always)]
 fn escape_into(out: &mut String, text: &str) {
-    let bytes = text.as_bytes();
-    // One pass without an early exit, which the compiler turns into wide compares.
-    let needs_escape = bytes.iter().fold(false, |any, &b| {
-        any | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if !needs_escape {
+    if needs_escape(text.as_bytes()) {
+        escape_each(out, text);
+    } else {
         out.push_str(text);
-        return;
     }
+}
+
+/// [`escape_into`] for a text with something to escape.
+#[cold]
+#[inline(never)]
+fn escape_each(out: &mut String, text: &str) {
+    let bytes = text.as_bytes();
     const HEX: &[char; 16] = &[
         '0', '1', '2', '3', '4', '5', '6', '7', '8', '9', 'a', 'b', 'c', 'd', 'e', 'f',
     ];
@@ -157,6 +170,54 @@ fn escape_into(out: &mut String, text: &str) {
         start = i + 1;
     }
     out.push_str(&text[start..]);
+}
+
+/// Whether `bytes` hold a byte serde_json escapes: a control character, `"` or `\\`.
+///
+/// Most of a line's texts are short (an id, a method, a country), and a short one
+/// is looked at as one or two 8-byte words rather than byte by byte.
+#[inline]
+fn needs_escape(bytes: &[u8]) -> bool {
+    if bytes.len() >= 32 {
+        // One pass without an early exit, which the compiler turns into wide compares.
+        return bytes.iter().fold(false, |any, &b| {
+            any | (b < 0x20) | (b == b'"') | (b == b'\\')
+        });
+    }
+    if let Some(last) = bytes.last_chunk::<8>() {
+        let (words, _) = bytes.as_chunks::<8>();
+        // The last word overlaps the others when the length is not a multiple of 8:
+        // a byte looked at twice changes nothing.
+        let any = words
+            .iter()
+            .fold(special_bytes(u64::from_ne_bytes(*last)), |any, w| {
+                any | special_bytes(u64::from_ne_bytes(*w))
+            });
+        return any != 0;
+    }
+    if let (Some(first), Some(last)) = (bytes.first_chunk::<4>(), bytes.last_chunk::<4>()) {
+        let word =
+            u64::from(u32::from_ne_bytes(*first)) | u64::from(u32::from_ne_bytes(*last)) << 32;
+        return special_bytes(word) != 0;
+    }
+    bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// Non-zero when a byte of `word` is below 0x20, `"` or `\\`. Each test is the
+/// classic "has a zero byte" one (`(x - 0x01…01) & !x & 0x80…80`): its bits may
+/// mark the wrong byte, but it is zero exactly when no byte of `x` qualifies,
+/// and that is all that is asked.
+#[inline]
+fn special_bytes(word: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // Below 0x20: exact for any bound up to 0x80.
+    let control = word.wrapping_sub(ONES * 0x20) & !word;
+    let quote = word ^ (ONES * u64::from(b'"'));
+    let quote = quote.wrapping_sub(ONES) & !quote;
+    let backslash = word ^ (ONES * u64::from(b'\\'));
+    let backslash = backslash.wrapping_sub(ONES) & !backslash;
+    (control | quote | backslash) & HIGHS
 }
 
 /// A JSON line with each escaped NUL (`\u0000`) written as U+FFFD (`\ufffd`). Only
@@ -450,27 +511,27 @@ impl Event {
         escape_into(out, ts);
         out.push('"');
         let mut line = Line { out };
-        line.text(",\"kind\":", Some(kind.as_str()));
-        line.text(",\"session_id\":", session_id.as_deref());
-        line.text(",\"subject\":", subject.as_deref());
-        line.text(",\"ip\":", ip.as_deref());
-        line.text(",\"user_agent\":", user_agent.as_deref());
-        line.text(",\"method\":", method.as_deref());
-        line.text(",\"path\":", path.as_deref());
-        line.text(",\"referrer\":", referrer.as_deref());
-        line.text(",\"origin\":", origin.as_deref());
-        line.text(",\"sec_fetch_site\":", sec_fetch_site.as_deref());
+        line.text(",\"kind\":\"", Some(kind.as_str()));
+        line.text(",\"session_id\":\"", session_id.as_deref());
+        line.text(",\"subject\":\"", subject.as_deref());
+        line.text(",\"ip\":\"", ip.as_deref());
+        line.text(",\"user_agent\":\"", user_agent.as_deref());
+        line.text(",\"method\":\"", method.as_deref());
+        line.text(",\"path\":\"", path.as_deref());
+        line.text(",\"referrer\":\"", referrer.as_deref());
+        line.text(",\"origin\":\"", origin.as_deref());
+        line.text(",\"sec_fetch_site\":\"", sec_fetch_site.as_deref());
         line.int(",\"cost\":", *cost);
-        line.text(",\"decision\":", decision.as_deref());
+        line.text(",\"decision\":\"", decision.as_deref());
         line.int(",\"score\":", *score);
         line.float(",\"session_risk\":", *session_risk);
         if !reasons.is_empty() {
             line.out.push_str(",\"reasons\":");
             line.out.push_str(&serde_json::to_string(reasons)?);
         }
-        line.text(",\"rules_hash\":", rules_hash.as_deref());
-        line.text(",\"country\":", country.as_deref());
-        line.text(",\"city\":", city.as_deref());
+        line.text(",\"rules_hash\":\"", rules_hash.as_deref());
+        line.text(",\"country\":\"", country.as_deref());
+        line.text(",\"city\":\"", city.as_deref());
         line.int(",\"asn\":", *asn);
         line.float(",\"latitude\":", *latitude);
         line.float(",\"longitude\":", *longitude);
@@ -482,10 +543,10 @@ impl Event {
                 f.key_pieces(|piece| escape_into(line.out, piece));
                 line.out.push('"');
             }
-            Some(UaKey::Text(t)) => line.text(",\"ua_fingerprint\":", Some(t)),
+            Some(UaKey::Text(t)) => line.text(",\"ua_fingerprint\":\"", Some(t)),
             None => {}
         }
-        line.text(",\"detail\":", detail.as_deref());
+        line.text(",\"detail\":\"", detail.as_deref());
         line.out.push('}');
         Ok(())
     }
@@ -1082,6 +1143,30 @@ mod tests {
         assert_eq!(s.subject.as_deref(), Some("al\u{fffd}ice"));
         assert_eq!(s.session_id.as_deref(), Some("s\u{fffd}"));
         assert!(!s.event.contains("\\u0000") && s.event.contains("al\\ufffdice"));
+    }
+
+    /// The word-wise check agrees with the byte-wise definition for every byte
+    /// value at every place of every length it treats apart (below 4, 4 to 7, 8 to
+    /// 31, 32 and up), the bytes around it being the ones nearest to qualifying.
+    #[test]
+    fn the_escape_check_finds_every_byte_to_escape_in_every_place() {
+        let escaped = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+        for len in 1..=40 {
+            for filler in [b' ', b'!', b'#', b'[', b']', 0x80, 0xa2, 0xdc, 0xff] {
+                for at in 0..len {
+                    for b in 0..=u8::MAX {
+                        let mut bytes = vec![filler; len];
+                        bytes[at] = b;
+                        assert_eq!(
+                            needs_escape(&bytes),
+                            escaped(b),
+                            "byte {b:#04x} at {at} of {len} among {filler:#04x}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(!needs_escape(b""));
     }
 
     #[test]
