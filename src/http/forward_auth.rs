@@ -82,6 +82,8 @@ enum Field {
     Origin,
     SecFetchSite,
     SecFetchMode,
+    /// Not a single value: read in the pass for the usual case of one header.
+    ForwardedFor,
     Authorization,
 }
 
@@ -100,6 +102,7 @@ impl Field {
         Self::Origin,
         Self::SecFetchSite,
         Self::SecFetchMode,
+        Self::ForwardedFor,
         Self::Authorization,
     ];
 
@@ -116,6 +119,7 @@ impl Field {
             "origin" => Self::Origin,
             "sec-fetch-site" => Self::SecFetchSite,
             "sec-fetch-mode" => Self::SecFetchMode,
+            "x-forwarded-for" => Self::ForwardedFor,
             "authorization" => Self::Authorization,
             _ => return None,
         })
@@ -134,6 +138,7 @@ impl Field {
             Self::Origin => "origin",
             Self::SecFetchSite => "sec-fetch-site",
             Self::SecFetchMode => "sec-fetch-mode",
+            Self::ForwardedFor => "x-forwarded-for",
             Self::Authorization => "authorization",
         }
     }
@@ -209,6 +214,15 @@ impl<'h> Gateway<'h> {
             }
         }
         Ok(found.map(|(_, v)| v))
+    }
+
+    /// [`client_ip`], with the `X-Forwarded-For` header found in the pass when
+    /// there is at most one (nearly always), not looked up again by name.
+    fn client_ip(&self, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+        match self.fields[Field::ForwardedFor as usize] {
+            (one, 0 | 1) => client_ip_from(peer, one.into_iter(), trusted),
+            _ => client_ip(peer, self.headers, trusted),
+        }
     }
 }
 
@@ -294,6 +308,15 @@ fn presented_token<'h>(
 /// The client's address: the peer itself, unless the peer is a trusted proxy; then
 /// the rightmost `X-Forwarded-For` address that is not a trusted proxy.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    client_ip_from(peer, headers.get_all(X_FORWARDED_FOR).iter(), trusted)
+}
+
+/// [`client_ip`] of the request's `X-Forwarded-For` headers, in their order.
+fn client_ip_from<'h>(
+    peer: IpAddr,
+    forwarded_for: impl DoubleEndedIterator<Item = &'h HeaderValue>,
+    trusted: &[IpNet],
+) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return peer;
@@ -302,7 +325,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     // address they did not add. Anything unreadable ends the walk: what lies left
     // of it was written by the client and is not evidence.
     let mut last_trusted = peer;
-    for value in headers.get_all(X_FORWARDED_FOR).iter().rev() {
+    for value in forwarded_for.rev() {
         let Ok(value) = value.to_str() else {
             return last_trusted;
         };
@@ -550,8 +573,8 @@ async fn forward_auth(
             Some(q) => format!("{rest}?{q}"),
             None => rest.to_owned(),
         });
-    let client = client_ip(peer_ip, headers, &state.trusted_proxies);
     let gateway = Gateway::read(headers);
+    let client = gateway.client_ip(peer_ip, &state.trusted_proxies);
     let request = match forwarded_request(&gateway, client, incoming.method(), envoy_path) {
         Ok(r) => r,
         Err(e) => return bad_request(e),
@@ -866,6 +889,50 @@ mod tests {
             client_ip(proxy, &hiding, &trusted).to_string(),
             "203.0.113.66"
         );
+    }
+
+    /// The address forward-auth finds from its one pass over the headers is the one
+    /// `client_ip` finds by name, with no `X-Forwarded-For`, one, or several (read
+    /// right to left across them).
+    #[test]
+    fn the_client_address_from_the_pass_is_the_one_found_by_name() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let outsider: IpAddr = "192.0.2.1".parse().unwrap();
+        let cases: [&[&str]; 5] = [
+            &[],
+            &["203.0.113.9, 10.0.0.2"],
+            &["not-an-ip"],
+            &["203.0.113.9", "198.51.100.7, 10.0.0.3"],
+            &["203.0.113.9, 198.51.100.7", "10.0.0.3", "10.0.0.4"],
+        ];
+        let expected = [
+            "10.0.0.1",
+            "203.0.113.9",
+            "10.0.0.1",
+            "198.51.100.7",
+            "198.51.100.7",
+        ];
+        for (values, expected) in cases.into_iter().zip(expected) {
+            let mut h = HeaderMap::new();
+            h.insert(header::USER_AGENT, HeaderValue::from_static("ua"));
+            for v in values {
+                h.append(X_FORWARDED_FOR, HeaderValue::from_static(v));
+            }
+            let gateway = Gateway::read(&h);
+            for peer in [proxy, outsider] {
+                assert_eq!(
+                    gateway.client_ip(peer, &trusted),
+                    client_ip(peer, &h, &trusted),
+                    "{values:?} from {peer}"
+                );
+            }
+            assert_eq!(
+                gateway.client_ip(proxy, &trusted).to_string(),
+                expected,
+                "{values:?}"
+            );
+        }
     }
 
     #[test]
