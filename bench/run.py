@@ -308,7 +308,7 @@ def main():
 
         # The reference ignores tokens; any request file gives it the same request shape.
         first = Tokenwarden(work, "HS512")
-        # Enough never-seen tokens for 120,000 req/s: on quick days tokenwarden reached
+        # Enough never-seen tokens for 120,000 req/s: when the machine was fast, tokenwarden reached
         # 63,700 req/s (past what 60,000 allowed) and then 85,600 (past 80,000), and
         # presented some tokens twice.
         warm, cold = first.tokens(sessions, 0 if args.quick else 120_000 * seconds)

@@ -174,8 +174,8 @@ fn escape_each(out: &mut String, text: &str) {
 
 /// Whether `bytes` hold a byte serde_json escapes: a control character, `"` or `\\`.
 ///
-/// Most of a line's texts are short (an id, a method, a country), and a short one
-/// is looked at as one or two 8-byte words rather than byte by byte.
+/// Most of a line's texts are short (an id, a method, a country), and one shorter
+/// than 32 bytes is looked at as up to four 8-byte words rather than byte by byte.
 #[inline]
 fn needs_escape(bytes: &[u8]) -> bool {
     if bytes.len() >= 32 {
@@ -197,7 +197,7 @@ fn needs_escape(bytes: &[u8]) -> bool {
     }
     if let (Some(first), Some(last)) = (bytes.first_chunk::<4>(), bytes.last_chunk::<4>()) {
         let word =
-            u64::from(u32::from_ne_bytes(*first)) | u64::from(u32::from_ne_bytes(*last)) << 32;
+            u64::from(u32::from_ne_bytes(*first)) | (u64::from(u32::from_ne_bytes(*last)) << 32);
         return special_bytes(word) != 0;
     }
     bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')

@@ -7,7 +7,7 @@
 //! cloned), though nearly every request here is answered at its handler's first
 //! poll. This one polls the handler first and makes the timer only when the handler
 //! waits: the limit counts from that first wait. What runs before it is the
-//! handler's first poll, which never blocks the thread.
+//! handler's first poll, which does not wait.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -96,7 +96,11 @@ where
         let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match timer.as_mut().poll(cx) {
+        // Outside tokio's task budget, as tokio's own `timeout` does when its future
+        // spent the budget: a handler that used up the budget at every poll would
+        // otherwise find the timer answering "not yet" for ever.
+        let mut timer = tokio::task::coop::unconstrained(timer.as_mut());
+        match Pin::new(&mut timer).poll(cx) {
             Poll::Ready(()) => Poll::Ready(Ok(StatusCode::REQUEST_TIMEOUT.into_response())),
             Poll::Pending => Poll::Pending,
         }
@@ -143,6 +147,26 @@ mod tests {
         let answer = svc.call(()).await.unwrap();
         assert_eq!(answer.status(), StatusCode::OK);
         assert_eq!(started.elapsed(), Duration::from_secs(9));
+    }
+
+    /// A handler that spends tokio's task budget at every poll (a loop over a
+    /// resource that is always ready) is still stopped at the limit. Bounded, so
+    /// that a build where the timer could not fire ends with the handler's 200.
+    #[tokio::test(start_paused = true)]
+    async fn a_handler_that_spends_its_budget_at_every_poll_is_still_stopped() {
+        let mut svc =
+            DeadlineLayer::new(Duration::from_secs(10)).layer(tower::service_fn(|()| async {
+                for _ in 0..1_000_000 {
+                    tokio::task::coop::consume_budget().await;
+                }
+                Ok::<_, Infallible>(StatusCode::OK.into_response())
+            }));
+        let answer = tokio::spawn(svc.call(()));
+        // Its first poll: the budget spent, the handler waits and its timer is made.
+        tokio::task::yield_now().await;
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let answer = answer.await.unwrap().unwrap();
+        assert_eq!(answer.status(), StatusCode::REQUEST_TIMEOUT);
     }
 
     /// A handler answering at its first poll makes no timer; one that waits makes

@@ -67,7 +67,8 @@ const REDIRECT_HEADER: &str = "x-auth-redirect";
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// The headers read for a value of their own: each must be present at most once.
+/// The headers read for a value of their own: each must be present at most once,
+/// except `X-Forwarded-For`, which may repeat (see [`Gateway::client_ip`]).
 /// `Authorization` stays last (it sizes the table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Field {
