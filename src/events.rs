@@ -172,7 +172,7 @@ fn escape_each(out: &mut String, text: &str) {
     out.push_str(&text[start..]);
 }
 
-/// Whether `bytes` hold a byte serde_json escapes: a control character, `"` or `\\`.
+/// Whether `bytes` hold a byte serde_json escapes: a control character, `"` or `\`.
 ///
 /// Most of a line's texts are short (an id, a method, a country), and one shorter
 /// than 32 bytes is looked at as up to four 8-byte words rather than byte by byte.
@@ -203,7 +203,7 @@ fn needs_escape(bytes: &[u8]) -> bool {
     bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
-/// Non-zero when a byte of `word` is below 0x20, `"` or `\\`. Each test is the
+/// Non-zero when a byte of `word` is below 0x20, `"` or `\`. Each test is the
 /// classic "has a zero byte" one (`(x - 0x01…01) & !x & 0x80…80`): its bits may
 /// mark the wrong byte, but it is zero exactly when no byte of `x` qualifies,
 /// and that is all that is asked.

@@ -1,5 +1,5 @@
 //! A time limit on each request of the public API: 408 once its handler has waited
-//! [`Deadline::limit`] without answering.
+//! its limit (10 s, `REQUEST_TIMEOUT`) without answering.
 //!
 //! tower-http's `TimeoutLayer` makes its timer when the request arrives and polls it
 //! before the handler, so every request put an entry into tokio's timer wheel and
