@@ -180,9 +180,7 @@ fn escape_each(out: &mut String, text: &str) {
 fn needs_escape(bytes: &[u8]) -> bool {
     if bytes.len() >= 32 {
         // One pass without an early exit, which the compiler turns into wide compares.
-        return bytes.iter().fold(false, |any, &b| {
-            any | (b < 0x20) | (b == b'"') | (b == b'\\')
-        });
+        return bytes.iter().fold(false, |any, &b| any | escaped(b));
     }
     if let Some(last) = bytes.last_chunk::<8>() {
         let (words, _) = bytes.as_chunks::<8>();
@@ -200,7 +198,13 @@ fn needs_escape(bytes: &[u8]) -> bool {
             u64::from(u32::from_ne_bytes(*first)) | (u64::from(u32::from_ne_bytes(*last)) << 32);
         return special_bytes(word) != 0;
     }
-    bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    bytes.iter().copied().any(escaped)
+}
+
+/// A byte serde_json escapes.
+#[inline]
+fn escaped(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
 }
 
 /// Non-zero when a byte of `word` is below 0x20, `"` or `\`. Each test is the
