@@ -32,19 +32,17 @@ std::thread_local! {
 ///
 /// Made on the request path, as the event is recorded: its strings are read while
 /// they are still in the cache, and freed on the thread that made them.
-fn stored(e: Event) -> Option<StoredEvent> {
-    let clean = |s: Option<String>| {
-        s.map(|s| {
-            if s.contains('\0') {
-                s.replace('\0', "\u{fffd}")
-            } else {
-                s
-            }
-        })
+fn stored(e: &EventRef<'_>) -> Option<StoredEvent> {
+    let clean = |s: &str| {
+        if s.contains('\0') {
+            s.replace('\0', "\u{fffd}")
+        } else {
+            s.to_owned()
+        }
     };
     let write = |line: &mut String| {
         line.clear();
-        e.write_json(line).ok()?;
+        let written_ms = e.write_json(line).ok()?;
         // Allocated at the line's length.
         let written = line.clone();
         // One very long line (a huge user agent) does not stay with the thread.
@@ -52,27 +50,40 @@ fn stored(e: Event) -> Option<StoredEvent> {
             line.clear();
             line.shrink_to(LINE_CAPACITY);
         }
-        Some(written)
+        Some((written, written_ms))
     };
-    let line = LINE
+    let (mut event, written_ms) = LINE
         .try_with(|buffer| match buffer.try_borrow_mut() {
             Ok(mut buffer) => write(&mut buffer),
             Err(_) => write(&mut String::new()),
         })
         // The thread is exiting and its buffer is gone: a buffer of its own.
-        .unwrap_or_else(|_| write(&mut String::new()));
-    let mut event = line?;
-    if event.contains("\\u0000") {
+        .unwrap_or_else(|_| write(&mut String::new()))?;
+    // Only a line with an escape can hold one; most have none, and a SIMD search
+    // for the backslash is a fraction of a search for the escape.
+    if memchr::memchr(b'\\', event.as_bytes()).is_some() && event.contains("\\u0000") {
         event = without_nul_escapes(&event);
     }
+    let ts_ms = match (written_ms, e.ts) {
+        (Some(ms), _) => ms,
+        (None, Ts::Text(text)) => parse_ms(text)?,
+        // Never: a time from the clock is written from it.
+        (None, Ts::Millis(ms)) => ms,
+    };
     Some(StoredEvent {
-        ts_ms: parse_ms(&e.ts)?,
+        ts_ms,
         kind: Cow::Borrowed(e.kind.as_str()),
-        session_id: clean(e.session_id),
-        subject: clean(e.subject),
+        session_id: e.session_id.map(clean),
+        subject: e.subject.map(clean),
         decision: e.decision.map(|d| match d {
-            Cow::Owned(d) if d.contains('\0') => Cow::Owned(d.replace('\0', "\u{fffd}")),
-            d => d,
+            // The engine's words, borrowed; any other text (a line read back) copied.
+            "allow" => Cow::Borrowed("allow"),
+            "step_up" => Cow::Borrowed("step_up"),
+            "deny" => Cow::Borrowed("deny"),
+            "revoke" => Cow::Borrowed("revoke"),
+            "revoke_user" => Cow::Borrowed("revoke_user"),
+            "invalid" => Cow::Borrowed("invalid"),
+            d => Cow::Owned(clean(d)),
         }),
         event,
     })
@@ -368,38 +379,49 @@ impl<'de> Deserialize<'de> for UaKey {
     }
 }
 
-/// An address as text, as it displays. An IPv4 address (nearly every request's)
-/// is written octet by octet with itoa, as the line's integers are, without the
-/// formatting machinery; an IPv6 one is formatted into a string with room for the
-/// longest (45 characters).
+/// An address as text, as it displays (see [`write_ip`]).
 fn ip_text(ip: std::net::IpAddr) -> String {
+    let mut text = String::with_capacity(45);
+    write_ip(&mut text, ip);
+    text
+}
+
+/// An address written as it displays. An IPv4 address (nearly every request's) is
+/// written octet by octet with itoa, as the line's integers are, without the
+/// formatting machinery.
+fn write_ip(out: &mut String, ip: std::net::IpAddr) {
     use std::fmt::Write;
     match ip {
         std::net::IpAddr::V4(v4) => {
-            let mut text = String::with_capacity(15);
             let mut digits = itoa::Buffer::new();
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    text.push('.');
+                    out.push('.');
                 }
-                text.push_str(digits.format(octet));
+                out.push_str(digits.format(octet));
             }
-            text
         }
         std::net::IpAddr::V6(_) => {
-            let mut text = String::with_capacity(45);
-            let _ = write!(text, "{ip}");
-            text
+            let _ = write!(out, "{ip}");
         }
     }
 }
 
-fn without_query(url: &str) -> String {
-    url.split(['?', '#']).next().unwrap_or_default().to_owned()
+/// A URL without its query string and fragment.
+fn without_query(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or_default()
 }
 
 /// RFC 3339 with milliseconds, UTC; the epoch for a time out of range.
 pub fn rfc3339_ms(ms: i64) -> String {
+    let mut out = String::with_capacity(24);
+    write_rfc3339_ms(&mut out, ms);
+    out
+}
+
+/// [`rfc3339_ms`] written into `out`; returns the milliseconds written (`ms`, or
+/// 0 for a time out of range).
+fn write_rfc3339_ms(out: &mut String, ms: i64) -> i64 {
     // Every event of a second shares its date and time of day: formatted once per
     // second and thread, then only the milliseconds are appended.
     thread_local! {
@@ -407,8 +429,7 @@ pub fn rfc3339_ms(ms: i64) -> String {
             const { std::cell::RefCell::new((i64::MIN, String::new())) };
     }
     let (second, millis) = (ms.div_euclid(1000), ms.rem_euclid(1000));
-    let with_millis = |prefix: &str| {
-        let mut out = String::with_capacity(prefix.len() + 5);
+    let with_millis = |out: &mut String, prefix: &str| {
         out.push_str(prefix);
         out.push('.');
         // 0..=999: three digits, zero-padded.
@@ -416,21 +437,27 @@ pub fn rfc3339_ms(ms: i64) -> String {
             out.push(char::from(b'0' + u8::try_from(d).unwrap_or(0)));
         }
         out.push('Z');
-        out
     };
-    SECOND
+    let written = SECOND
         .try_with(|cell| {
             let mut cached = cell.borrow_mut();
             if cached.0 != second {
                 cached.1 = format_second(second)?;
                 cached.0 = second;
             }
-            Some(with_millis(&cached.1))
+            with_millis(out, &cached.1);
+            Some(())
         })
         .ok()
         .flatten()
-        .or_else(|| format_second(second).map(|p| with_millis(&p)))
-        .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".to_owned())
+        .or_else(|| format_second(second).map(|p| with_millis(out, &p)));
+    match written {
+        Some(()) => ms,
+        None => {
+            out.push_str("1970-01-01T00:00:00.000Z");
+            0
+        }
+    }
 }
 
 /// Milliseconds since the epoch of an RFC 3339 time. The events of one second share
@@ -477,12 +504,13 @@ fn format_second(second: i64) -> Option<String> {
 
 impl Event {
     /// The event's JSON line: the text `serde_json::to_string` writes for it (a test
-    /// holds the two equal), written field by field into a `String`, so it is never
-    /// checked for UTF-8 again. Text is checked for characters to escape in one pass
-    /// over it and copied whole when there are none (almost always), where serde_json
-    /// looks each byte up in turn; numbers are written with the crates serde_json
-    /// uses (itoa, zmij), and the reasons are left to serde_json.
+    /// holds the two equal), written through its view ([`EventRef::write_json`]).
     pub fn write_json(&self, out: &mut String) -> serde_json::Result<()> {
+        self.view().write_json(out).map(|_| ())
+    }
+
+    /// The event as the recorder and the line's writer read it, borrowed.
+    pub fn view(&self) -> EventRef<'_> {
         // Taken apart whole, so that a field added to `Event` cannot be left out here.
         let Event {
             ts,
@@ -511,53 +539,98 @@ impl Event {
             ua_fingerprint,
             detail,
         } = self;
-        out.push_str("{\"ts\":\"");
-        escape_into(out, ts);
-        out.push('"');
-        let mut line = Line { out };
-        line.text(",\"kind\":\"", Some(kind.as_str()));
-        line.text(",\"session_id\":\"", session_id.as_deref());
-        line.text(",\"subject\":\"", subject.as_deref());
-        line.text(",\"ip\":\"", ip.as_deref());
-        line.text(",\"user_agent\":\"", user_agent.as_deref());
-        line.text(",\"method\":\"", method.as_deref());
-        line.text(",\"path\":\"", path.as_deref());
-        line.text(",\"referrer\":\"", referrer.as_deref());
-        line.text(",\"origin\":\"", origin.as_deref());
-        line.text(",\"sec_fetch_site\":\"", sec_fetch_site.as_deref());
-        line.int(",\"cost\":", *cost);
-        line.text(",\"decision\":\"", decision.as_deref());
-        line.int(",\"score\":", *score);
-        line.float(",\"session_risk\":", *session_risk);
-        if !reasons.is_empty() {
-            line.out.push_str(",\"reasons\":");
-            line.out.push_str(&serde_json::to_string(reasons)?);
+        EventRef {
+            ts: Ts::Text(ts),
+            kind: *kind,
+            session_id: session_id.as_deref(),
+            subject: subject.as_deref(),
+            ip: ip.as_deref().map(IpRef::Text),
+            user_agent: user_agent.as_deref(),
+            method: method.as_deref(),
+            path: path.as_deref(),
+            referrer: referrer.as_deref(),
+            origin: origin.as_deref(),
+            sec_fetch_site: sec_fetch_site.as_deref(),
+            cost: *cost,
+            decision: decision.as_deref(),
+            score: *score,
+            session_risk: *session_risk,
+            reasons,
+            rules_hash: rules_hash.as_deref(),
+            country: country.as_deref(),
+            city: city.as_deref(),
+            asn: *asn,
+            latitude: *latitude,
+            longitude: *longitude,
+            radius_km: *radius_km,
+            ua_fingerprint: ua_fingerprint.as_ref().map(|ua| match ua {
+                UaKey::Shared(f) => UaRef::Shared(f),
+                UaKey::Text(t) => UaRef::Text(t),
+            }),
+            detail: detail.as_deref().map(Cow::Borrowed),
         }
-        line.text(",\"rules_hash\":\"", rules_hash.as_deref());
-        line.text(",\"country\":\"", country.as_deref());
-        line.text(",\"city\":\"", city.as_deref());
-        line.int(",\"asn\":", *asn);
-        line.float(",\"latitude\":", *latitude);
-        line.float(",\"longitude\":", *longitude);
-        line.float(",\"radius_km\":", *radius_km);
-        match ua_fingerprint {
-            Some(UaKey::Shared(f)) => {
-                line.out.push_str(",\"ua_fingerprint\":\"");
-                // Written straight into the line, escaped as it goes.
-                f.key_pieces(|piece| escape_into(line.out, piece));
-                line.out.push('"');
-            }
-            Some(UaKey::Text(t)) => line.text(",\"ua_fingerprint\":\"", Some(t)),
-            None => {}
-        }
-        line.text(",\"detail\":\"", detail.as_deref());
-        line.out.push('}');
-        Ok(())
     }
+}
 
+/// An event's time: written from the clock's milliseconds, or text read from a line.
+#[derive(Debug, Clone, Copy)]
+pub enum Ts<'a> {
+    Millis(i64),
+    Text(&'a str),
+}
+
+/// An event's client address: the address itself, or text read from a line.
+#[derive(Debug, Clone, Copy)]
+pub enum IpRef<'a> {
+    Addr(std::net::IpAddr),
+    Text(&'a str),
+}
+
+/// An event's user-agent fingerprint: the client's shared one, or text read from a line.
+#[derive(Debug, Clone, Copy)]
+pub enum UaRef<'a> {
+    Shared(&'a Arc<UaFingerprint>),
+    Text(&'a str),
+}
+
+/// An event as it is recorded: every field borrowed from what the caller already
+/// holds (the request, the token's claims, the client, the evaluation), so that
+/// recording it copies no text but the JSON line it writes. The builders below
+/// say what each event carries; an [`Event`] (a line read back) is written
+/// through its [`Event::view`], so the line has one writer.
+#[derive(Debug, Clone)]
+pub struct EventRef<'a> {
+    pub ts: Ts<'a>,
+    pub kind: EventKind,
+    pub session_id: Option<&'a str>,
+    pub subject: Option<&'a str>,
+    pub ip: Option<IpRef<'a>>,
+    pub user_agent: Option<&'a str>,
+    pub method: Option<&'a str>,
+    pub path: Option<&'a str>,
+    pub referrer: Option<&'a str>,
+    pub origin: Option<&'a str>,
+    pub sec_fetch_site: Option<&'a str>,
+    pub cost: Option<u32>,
+    pub decision: Option<&'a str>,
+    pub score: Option<u32>,
+    pub session_risk: Option<f64>,
+    pub reasons: &'a [Reason],
+    pub rules_hash: Option<&'a str>,
+    pub country: Option<&'a str>,
+    pub city: Option<&'a str>,
+    pub asn: Option<u32>,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+    pub radius_km: Option<f64>,
+    pub ua_fingerprint: Option<UaRef<'a>>,
+    pub detail: Option<Cow<'a, str>>,
+}
+
+impl<'a> EventRef<'a> {
     pub fn new(kind: EventKind, at_ms: i64) -> Self {
         Self {
-            ts: rfc3339_ms(at_ms),
+            ts: Ts::Millis(at_ms),
             kind,
             session_id: None,
             subject: None,
@@ -572,7 +645,7 @@ impl Event {
             decision: None,
             score: None,
             session_risk: None,
-            reasons: Vec::new(),
+            reasons: &[],
             rules_hash: None,
             country: None,
             city: None,
@@ -585,57 +658,199 @@ impl Event {
         }
     }
 
-    pub fn session(mut self, session_id: &str, subject: &str) -> Self {
-        self.session_id = Some(session_id.to_owned());
-        self.subject = Some(subject.to_owned());
+    pub fn session(mut self, session_id: &'a str, subject: &'a str) -> Self {
+        self.session_id = Some(session_id);
+        self.subject = Some(subject);
         self
     }
 
-    pub fn request(mut self, r: &RequestInfo) -> Self {
-        self.ip = r.ip.map(ip_text);
-        self.user_agent = r.user_agent.clone();
-        self.method = r.method.clone();
+    pub fn request(mut self, r: &'a RequestInfo) -> Self {
+        self.ip = r.ip.map(IpRef::Addr);
+        self.user_agent = r.user_agent.as_deref();
+        self.method = r.method.as_deref();
         // Query strings and fragments can carry secrets (tokens in links): never recorded.
         // Rules only look at path prefixes and the referrer's origin.
         self.path = r.path.as_deref().map(without_query);
         self.referrer = r.referrer.as_deref().map(without_query);
-        self.origin = r.origin.clone();
-        self.sec_fetch_site = r.sec_fetch_site.clone();
+        self.origin = r.origin.as_deref();
+        self.sec_fetch_site = r.sec_fetch_site.as_deref();
         self.cost = r.cost;
         self
     }
 
-    pub fn client(mut self, c: &ClientInfo) -> Self {
-        self.ip.get_or_insert_with(|| ip_text(c.ip));
-        self.country.clone_from(&c.country);
+    pub fn client(mut self, c: &'a ClientInfo) -> Self {
+        self.ip.get_or_insert(IpRef::Addr(c.ip));
+        self.country = c.country.as_deref();
         self.asn = c.asn;
         if let Some(l) = &c.location {
-            self.city.clone_from(&l.city);
+            self.city = l.city.as_deref();
             self.latitude = Some(l.latitude);
             self.longitude = Some(l.longitude);
             self.radius_km = Some(l.radius_km);
         }
-        self.ua_fingerprint = Some(UaKey::Shared(Arc::clone(&c.ua)));
+        self.ua_fingerprint = Some(UaRef::Shared(&c.ua));
         self
     }
 
-    pub fn evaluation(mut self, e: &Evaluation) -> Self {
-        self.decision = Some(Cow::Borrowed(e.decision.as_str()));
+    pub fn evaluation(mut self, e: &'a Evaluation) -> Self {
+        self.decision = Some(e.decision.as_str());
         self.score = Some(e.score);
         self.session_risk = Some(e.session_risk);
-        self.reasons = e.reasons.clone();
-        self.rules_hash = Some(Arc::clone(&e.rules_hash));
+        self.reasons = &e.reasons;
+        self.rules_hash = Some(&e.rules_hash);
         self
     }
 
-    pub fn decision(mut self, decision: &'static str) -> Self {
-        self.decision = Some(Cow::Borrowed(decision));
+    pub fn decision(mut self, decision: &'a str) -> Self {
+        self.decision = Some(decision);
         self
     }
 
-    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+    pub fn detail(mut self, detail: impl Into<Cow<'a, str>>) -> Self {
         self.detail = Some(detail.into());
         self
+    }
+
+    /// The event's JSON line: the text `serde_json::to_string` writes for the
+    /// [`Event`] it makes (a test holds the two equal), written field by field
+    /// into a `String`, so it is never checked for UTF-8 again. Text is checked
+    /// for characters to escape in one pass over it and copied whole when there
+    /// are none (almost always), where serde_json looks each byte up in turn; the
+    /// time and the address are written from their values, numbers with the
+    /// crates serde_json uses (itoa, zmij), and the reasons are left to serde_json.
+    ///
+    /// Returns the time written, in milliseconds since the epoch, when it was
+    /// written from the clock's (the epoch for a time out of range).
+    pub fn write_json(&self, out: &mut String) -> serde_json::Result<Option<i64>> {
+        // Taken apart whole, so that a field added here cannot be left out.
+        let EventRef {
+            ts,
+            kind,
+            session_id,
+            subject,
+            ip,
+            user_agent,
+            method,
+            path,
+            referrer,
+            origin,
+            sec_fetch_site,
+            cost,
+            decision,
+            score,
+            session_risk,
+            reasons,
+            rules_hash,
+            country,
+            city,
+            asn,
+            latitude,
+            longitude,
+            radius_km,
+            ua_fingerprint,
+            detail,
+        } = self;
+        out.push_str("{\"ts\":\"");
+        let written_ms = match *ts {
+            // RFC 3339 digits and separators: nothing to escape.
+            Ts::Millis(ms) => Some(write_rfc3339_ms(out, ms)),
+            Ts::Text(text) => {
+                escape_into(out, text);
+                None
+            }
+        };
+        out.push('"');
+        let mut line = Line { out };
+        line.text(",\"kind\":\"", Some(kind.as_str()));
+        line.text(",\"session_id\":\"", *session_id);
+        line.text(",\"subject\":\"", *subject);
+        match ip {
+            Some(IpRef::Addr(addr)) => {
+                // Digits, dots and colons: nothing to escape.
+                line.out.push_str(",\"ip\":\"");
+                write_ip(line.out, *addr);
+                line.out.push('"');
+            }
+            Some(IpRef::Text(text)) => line.text(",\"ip\":\"", Some(text)),
+            None => {}
+        }
+        line.text(",\"user_agent\":\"", *user_agent);
+        line.text(",\"method\":\"", *method);
+        line.text(",\"path\":\"", *path);
+        line.text(",\"referrer\":\"", *referrer);
+        line.text(",\"origin\":\"", *origin);
+        line.text(",\"sec_fetch_site\":\"", *sec_fetch_site);
+        line.int(",\"cost\":", *cost);
+        line.text(",\"decision\":\"", *decision);
+        line.int(",\"score\":", *score);
+        line.float(",\"session_risk\":", *session_risk);
+        if !reasons.is_empty() {
+            line.out.push_str(",\"reasons\":");
+            line.out.push_str(&serde_json::to_string(reasons)?);
+        }
+        line.text(",\"rules_hash\":\"", *rules_hash);
+        line.text(",\"country\":\"", *country);
+        line.text(",\"city\":\"", *city);
+        line.int(",\"asn\":", *asn);
+        line.float(",\"latitude\":", *latitude);
+        line.float(",\"longitude\":", *longitude);
+        line.float(",\"radius_km\":", *radius_km);
+        match ua_fingerprint {
+            Some(UaRef::Shared(f)) => {
+                line.out.push_str(",\"ua_fingerprint\":\"");
+                // Written straight into the line, escaped as it goes.
+                f.key_pieces(|piece| escape_into(line.out, piece));
+                line.out.push('"');
+            }
+            Some(UaRef::Text(t)) => line.text(",\"ua_fingerprint\":\"", Some(t)),
+            None => {}
+        }
+        line.text(",\"detail\":\"", detail.as_deref());
+        line.out.push('}');
+        Ok(written_ms)
+    }
+}
+
+impl From<EventRef<'_>> for Event {
+    /// The event as a line written for it reads back (the time and the address as
+    /// their text).
+    fn from(e: EventRef<'_>) -> Self {
+        Self {
+            ts: match e.ts {
+                Ts::Millis(ms) => rfc3339_ms(ms),
+                Ts::Text(t) => t.to_owned(),
+            },
+            kind: e.kind,
+            session_id: e.session_id.map(str::to_owned),
+            subject: e.subject.map(str::to_owned),
+            ip: e.ip.map(|ip| match ip {
+                IpRef::Addr(addr) => ip_text(addr),
+                IpRef::Text(t) => t.to_owned(),
+            }),
+            user_agent: e.user_agent.map(str::to_owned),
+            method: e.method.map(|m| Cow::Owned(m.to_owned())),
+            path: e.path.map(str::to_owned),
+            referrer: e.referrer.map(str::to_owned),
+            origin: e.origin.map(str::to_owned),
+            sec_fetch_site: e.sec_fetch_site.map(str::to_owned),
+            cost: e.cost,
+            decision: e.decision.map(|d| Cow::Owned(d.to_owned())),
+            score: e.score,
+            session_risk: e.session_risk,
+            reasons: e.reasons.to_vec(),
+            rules_hash: e.rules_hash.map(Arc::from),
+            country: e.country.map(Arc::from),
+            city: e.city.map(Arc::from),
+            asn: e.asn,
+            latitude: e.latitude,
+            longitude: e.longitude,
+            radius_km: e.radius_km,
+            ua_fingerprint: e.ua_fingerprint.map(|ua| match ua {
+                UaRef::Shared(f) => UaKey::Shared(Arc::clone(f)),
+                UaRef::Text(t) => UaKey::Text(t.to_owned()),
+            }),
+            detail: e.detail.map(Cow::into_owned),
+        }
     }
 }
 
@@ -690,7 +905,7 @@ impl EventSink {
 
     /// Queues the event as its stored form (its line written here, on the request
     /// path); never waits. A full queue drops it and counts the drop.
-    pub fn record(&self, event: Event) {
+    pub fn record(&self, event: EventRef<'_>) {
         if let Some(m) = &self.metrics {
             m.observe(&event);
         }
@@ -702,7 +917,7 @@ impl EventSink {
             self.dropped_full.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let Some(row) = stored(event) else {
+        let Some(row) = stored(&event) else {
             // An event that cannot be encoded counts as lost, not silently.
             if place.is_some() {
                 self.accepted.fetch_add(1, Ordering::Relaxed);
@@ -833,6 +1048,10 @@ impl EventSink {
 mod tests {
     use super::*;
 
+    fn event(kind: EventKind, at_ms: i64) -> Event {
+        Event::from(EventRef::new(kind, at_ms))
+    }
+
     #[test]
     fn addresses_are_written_as_they_display() {
         for ip in [
@@ -864,10 +1083,10 @@ mod tests {
             referrer: Some("https://app.example.com/a?code=secret".into()),
             ..RequestInfo::default()
         };
-        let e = Event::new(EventKind::Request, 0).request(&r);
-        assert_eq!(e.path.as_deref(), Some("/reset"));
-        assert_eq!(e.referrer.as_deref(), Some("https://app.example.com/a"));
-        assert_eq!(e.ts, "1970-01-01T00:00:00.000Z");
+        let e = EventRef::new(EventKind::Request, 0).request(&r);
+        assert_eq!(e.path, Some("/reset"));
+        assert_eq!(e.referrer, Some("https://app.example.com/a"));
+        assert_eq!(Event::from(e).ts, "1970-01-01T00:00:00.000Z");
     }
 
     /// The line written field by field is the one serde_json writes, byte for
@@ -893,7 +1112,8 @@ mod tests {
             detail: detail.into(),
         };
         let full = |t: &str| {
-            let mut e = Event::new(EventKind::Revoke, 1_800_000_000_007).session(t, t);
+            let mut e =
+                Event::from(EventRef::new(EventKind::Revoke, 1_800_000_000_007).session(t, t));
             e.ip = Some(t.to_owned());
             e.user_agent = Some(t.to_owned());
             e.method = Some(Cow::Owned(t.to_owned()));
@@ -924,13 +1144,13 @@ mod tests {
                 crate::enrich::DeviceClass::Desktop,
             ))
         };
-        let mut events = vec![Event::new(EventKind::SessionOpen, -1)];
+        let mut events = vec![event(EventKind::SessionOpen, -1)];
         for t in &texts {
             let mut shared = full(t);
             shared.ua_fingerprint = Some(UaKey::Shared(fingerprint(t)));
             let mut text = full(t);
             text.ua_fingerprint = Some(UaKey::Text(t.clone()));
-            let mut partial = Event::new(EventKind::Request, 0).decision("allow");
+            let mut partial = Event::from(EventRef::new(EventKind::Request, 0).decision("allow"));
             partial.city = Some(Arc::from(t.as_str()));
             partial.latitude = Some(0.0);
             events.extend([shared, text, partial]);
@@ -946,7 +1166,7 @@ mod tests {
             (0.1, u32::MAX - 1),
             (-1e-7, 7),
         ] {
-            let mut e = Event::new(EventKind::Request, 0);
+            let mut e = event(EventKind::Request, 0);
             (e.cost, e.score, e.asn) = (Some(n), Some(n), Some(n));
             e.session_risk = Some(x);
             e.latitude = Some(x);
@@ -961,11 +1181,102 @@ mod tests {
         }
     }
 
+    /// The line recorded on the request path (the time from the clock's
+    /// milliseconds, the address, the client and the evaluation borrowed) is the
+    /// line of the event it reads back as, and the time stored with it is the
+    /// time written.
+    #[test]
+    fn the_recorded_line_is_the_line_of_the_event_it_reads_back_as() {
+        let reasons = vec![Reason {
+            rule: "rate_ip".into(),
+            kind: "rate".into(),
+            points: 0,
+            mode: crate::risk::ReasonMode::Enforce,
+            detail: "over \"quota\"".into(),
+        }];
+        let evaluation = Evaluation {
+            decision: crate::risk::Decision::Deny,
+            score: 0,
+            session_risk: 7.25,
+            reasons,
+            user_message: None,
+            retry_after: Some(1),
+            shadow_decision: crate::risk::Decision::Deny,
+            rules_hash: Arc::from("0123456789abcdef"),
+            at_ms: 0,
+        };
+        for (ms, ip) in [
+            (1_800_000_000_007, "81.2.69.142"),
+            (-1, "2001:db8::7"),
+            (0, "::ffff:10.0.0.1"),
+            // Out of range: written as the epoch, and stored at it.
+            (i64::MAX, "255.255.255.255"),
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let request = RequestInfo {
+                ip: Some(ip),
+                user_agent: Some("Mozilla/5.0 \"x\"".into()),
+                method: Some(Cow::Borrowed("GET")),
+                path: Some("/a?token=secret".into()),
+                referrer: Some("https://app.example.com/b#frag".into()),
+                origin: Some("https://app.example.com".into()),
+                sec_fetch_site: Some("same-origin".into()),
+                cost: Some(3),
+            };
+            let client = ClientInfo {
+                ip,
+                prefix: ipnet::IpNet::from(ip),
+                country: Some(Arc::from("GB")),
+                location: Some(crate::enrich::Location {
+                    country: Some(Arc::from("GB")),
+                    city: Some(Arc::from("Lon\"don")),
+                    latitude: 51.5142,
+                    longitude: -0.0931,
+                    radius_km: 10.0,
+                }),
+                asn: Some(64_512),
+                asn_org: None,
+                ua: Arc::new(UaFingerprint::new(
+                    "Firefox".into(),
+                    Some("133".into()),
+                    "Linux".into(),
+                    crate::enrich::DeviceClass::Desktop,
+                )),
+            };
+            for recorded in [
+                EventRef::new(EventKind::Request, ms)
+                    .request(&request)
+                    .session("s1", "alice")
+                    .evaluation(&evaluation)
+                    .client(&client),
+                // Without a request, the client's address is the event's.
+                EventRef::new(EventKind::Revoke, ms)
+                    .client(&client)
+                    .decision("revoke")
+                    .detail(format!("risk: {ms}")),
+            ] {
+                let mut line = String::new();
+                let written = recorded.write_json(&mut line).unwrap();
+                let read_back = Event::from(recorded.clone());
+                assert_eq!(line, serde_json::to_string(&read_back).unwrap());
+                assert!(!line.contains("secret") && !line.contains("frag"), "{line}");
+                let row = stored(&recorded).unwrap();
+                assert_eq!(row.event, line);
+                let expected_ms = if ms == i64::MAX { 0 } else { ms };
+                assert_eq!(written, Some(expected_ms));
+                assert_eq!(row.ts_ms, expected_ms);
+                assert_eq!(stored(&read_back.view()).unwrap().ts_ms, expected_ms);
+            }
+        }
+    }
+
     #[test]
     fn absent_fields_are_left_out_and_read_back_as_absent() {
-        let e = Event::new(EventKind::Request, 1_800_000_000_000)
-            .session("s1", "alice")
-            .decision("allow");
+        let e = Event::from(
+            EventRef::new(EventKind::Request, 1_800_000_000_000)
+                .session("s1", "alice")
+                .decision("allow"),
+        );
         let line = serde_json::to_string(&e).unwrap();
         assert_eq!(
             line,
@@ -986,7 +1297,7 @@ mod tests {
             "Linux\\x".into(),
             DeviceClass::Bot,
         ));
-        let mut e = Event::new(EventKind::Request, 1_800_000_000_000);
+        let mut e = event(EventKind::Request, 1_800_000_000_000);
         e.ua_fingerprint = Some(UaKey::Shared(Arc::clone(&fp)));
         let line = serde_json::to_string(&e).unwrap();
         // Escaped as any string would be, and a `/` in a name cannot forge a key.
@@ -1000,7 +1311,7 @@ mod tests {
             Some(UaKey::Text(r#"Evil "Bot"_2/-/Linux\x/bot"#.into()))
         );
         assert_eq!(back, e);
-        assert_eq!(stored(e).unwrap().event, line);
+        assert_eq!(stored(&e.view()).unwrap().event, line);
     }
 
     #[test]
@@ -1031,9 +1342,16 @@ mod tests {
             -1_000,
             0,
         ] {
-            let e = Event::new(EventKind::Request, ms);
-            let ts = e.ts.clone();
-            assert_eq!(stored(e).map(|s| s.ts_ms), Some(ms), "{ts}");
+            let e = EventRef::new(EventKind::Request, ms);
+            let read_back = Event::from(e.clone());
+            assert_eq!(stored(&e).map(|s| s.ts_ms), Some(ms), "{}", read_back.ts);
+            // The same time, read from the line's text.
+            assert_eq!(
+                stored(&read_back.view()).map(|s| s.ts_ms),
+                Some(ms),
+                "{}",
+                read_back.ts
+            );
         }
         // Back to a second read before, after another one was cached.
         assert_eq!(
@@ -1059,12 +1377,12 @@ mod tests {
     fn a_full_queue_drops_and_counts_while_live_watchers_still_see_each_event() {
         let (sink, _rx) = EventSink::new(2, None);
         for n in 0..5 {
-            sink.record(Event::new(EventKind::Request, n));
+            sink.record(EventRef::new(EventKind::Request, n));
         }
         assert_eq!(sink.dropped_queue_full(), 3);
         assert_eq!(sink.depth(), 2, "two queued, none stored");
         let mut live = sink.subscribe();
-        sink.record(Event::new(EventKind::Request, 5).decision("deny"));
+        sink.record(EventRef::new(EventKind::Request, 5).decision("deny"));
         assert_eq!(sink.dropped_queue_full(), 4);
         let line = live.try_recv().expect("the watcher saw the dropped event");
         assert!(line.contains(r#""decision":"deny""#), "{line}");
@@ -1076,13 +1394,13 @@ mod tests {
         let (sink, _rx) = EventSink::new(8, None);
         let woken = |sink: &EventSink| sink.filling.notified().now_or_never().is_some();
         for n in 1..=3 {
-            sink.record(Event::new(EventKind::Request, n));
+            sink.record(EventRef::new(EventKind::Request, n));
             assert!(!woken(&sink), "{n} of a batch of 8 queued");
         }
-        sink.record(Event::new(EventKind::Request, 4));
+        sink.record(EventRef::new(EventKind::Request, 4));
         assert!(woken(&sink), "half a batch queued");
         assert!(!woken(&sink), "one wake-up per signal");
-        sink.record(Event::new(EventKind::Request, 5));
+        sink.record(EventRef::new(EventKind::Request, 5));
         assert!(woken(&sink), "still more than half a batch queued");
     }
 
@@ -1113,7 +1431,7 @@ mod tests {
         };
         // The writer takes the first event and goes to sleep on its batch's deadline;
         // the batch fills while it sleeps.
-        sink.record(Event::new(EventKind::Request, 0));
+        sink.record(EventRef::new(EventKind::Request, 0));
         for _ in 0..1_000 {
             if sink.tx.capacity() == sink.capacity {
                 break;
@@ -1126,12 +1444,12 @@ mod tests {
             "the writer took the first event"
         );
         for i in 1..8 {
-            sink.record(Event::new(EventKind::Request, i));
+            sink.record(EventRef::new(EventKind::Request, i));
         }
         let waited = stored_after(8).await;
         assert!(waited < LINGER / 4, "a full batch waited {waited:?}");
         for i in 0..3 {
-            sink.record(Event::new(EventKind::Request, i));
+            sink.record(EventRef::new(EventKind::Request, i));
         }
         let waited = stored_after(11).await;
         assert!(
@@ -1142,8 +1460,8 @@ mod tests {
 
     #[test]
     fn a_nul_character_is_stored_as_a_replacement_character() {
-        let e = Event::new(EventKind::Request, 0).session("s\0", "al\0ice");
-        let s = stored(e).expect("storable");
+        let e = EventRef::new(EventKind::Request, 0).session("s\0", "al\0ice");
+        let s = stored(&e).expect("storable");
         assert_eq!(s.subject.as_deref(), Some("al\u{fffd}ice"));
         assert_eq!(s.session_id.as_deref(), Some("s\u{fffd}"));
         assert!(!s.event.contains("\\u0000") && s.event.contains("al\\ufffdice"));
@@ -1176,8 +1494,8 @@ mod tests {
     #[test]
     fn text_that_only_looks_like_an_escaped_nul_is_kept() {
         // The subject is a backslash and `u0000`, with a real NUL after it.
-        let e = Event::new(EventKind::Request, 0).session("s", "\\u0000\0é\\");
-        let s = stored(e).expect("storable");
+        let e = EventRef::new(EventKind::Request, 0).session("s", "\\u0000\0é\\");
+        let s = stored(&e).expect("storable");
         let line: serde_json::Value = serde_json::from_str(&s.event).unwrap();
         assert_eq!(line["subject"], "\\u0000\u{fffd}é\\");
         assert_eq!(s.subject.as_deref(), Some("\\u0000\u{fffd}é\\"));

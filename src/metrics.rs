@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::events::{Event, EventKind};
+use crate::events::{EventKind, EventRef};
 use crate::risk::ReasonMode;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -202,8 +202,8 @@ impl Metrics {
     }
 
     /// Counts what an audit event says: rule hits and revocations.
-    pub fn observe(&self, event: &Event) {
-        for r in &event.reasons {
+    pub fn observe(&self, event: &EventRef<'_>) {
+        for r in event.reasons {
             let mode = match r.mode {
                 ReasonMode::Enforce => "enforce",
                 ReasonMode::Shadow => "shadow",

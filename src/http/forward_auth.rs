@@ -254,7 +254,7 @@ fn presented_token<'h>(
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
             let token = rest.trim();
-            if token.is_empty() || token.contains(' ') {
+            if token.is_empty() || memchr::memchr(b' ', token.as_bytes()).is_some() {
                 return Err(ApiError::BadRequest(
                     "authorization: expected \"Bearer <token>\"".into(),
                 ));

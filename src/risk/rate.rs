@@ -31,14 +31,39 @@ use super::rules::Rate;
 use crate::ConcurrentMap;
 use crate::clock::SharedClock;
 
-/// governor's view of our clock: time since the Unix epoch.
+/// governor's view of our clock: time since the Unix epoch. While a check runs
+/// for a decision ([`DecidingAt`]), it is the decision's time, read once for all
+/// of the decision's rules; otherwise the clock's.
 #[derive(Clone)]
 pub struct LimiterClock(SharedClock);
 
 impl GovernorClock for LimiterClock {
     type Instant = Duration;
     fn now(&self) -> Duration {
-        Duration::from_millis(u64::try_from(self.0.now_millis()).unwrap_or(0))
+        let ms = DECIDING_AT.get().unwrap_or_else(|| self.0.now_millis());
+        Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+    }
+}
+
+thread_local! {
+    /// The time of the decision whose quota this thread is checking, if any.
+    static DECIDING_AT: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
+}
+
+/// The decision's time, set for the limiters on this thread while one check runs
+/// (governor's calls are synchronous, so nothing else runs on the thread meanwhile);
+/// the previous value comes back on drop.
+struct DecidingAt(Option<i64>);
+
+impl DecidingAt {
+    fn set(at_ms: i64) -> Self {
+        Self(DECIDING_AT.replace(Some(at_ms)))
+    }
+}
+
+impl Drop for DecidingAt {
+    fn drop(&mut self) {
+        DECIDING_AT.set(self.0);
     }
 }
 
@@ -254,8 +279,17 @@ impl RateLimiters {
         Some(limiter)
     }
 
-    /// `Ok` if the request fits the quota, else the seconds until it would.
-    pub fn check(&self, rule_id: &str, rate: &Rate, key: LimitKey, cost: u32) -> Result<(), u64> {
+    /// `Ok` if the request fits the quota at `at_ms` (the decision's time), else
+    /// the seconds until it would.
+    pub fn check(
+        &self,
+        rule_id: &str,
+        rate: &Rate,
+        key: LimitKey,
+        cost: u32,
+        at_ms: i64,
+    ) -> Result<(), u64> {
+        let _at = DecidingAt::set(at_ms);
         let Some(limiter) = self.limiter(rule_id, rate) else {
             return Ok(());
         };
@@ -278,14 +312,16 @@ impl RateLimiters {
         sid: &str,
         quotas: &mut SessionQuotas,
         cost: u32,
+        at_ms: i64,
     ) -> Result<(), u64> {
+        let _at = DecidingAt::set(at_ms);
         let Some(limiter) = self.limiter(rule_id, rate) else {
             return Ok(());
         };
         match quotas.cell_for(&limiter) {
             Some(cell) => self.answer(rate, limiter.sessions.check_key_n(cell, cells(cost))),
             // The session's cell counts another `sid` rule: this one is kept here.
-            None => self.check(rule_id, rate, LimitKey::Id(sid.into()), cost),
+            None => self.check(rule_id, rate, LimitKey::Id(sid.into()), cost, at_ms),
         }
     }
 
@@ -331,7 +367,7 @@ impl RateLimiters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::clock::{Clock, ManualClock};
     use crate::risk::rules::RateKey;
 
     fn rate() -> Rate {
@@ -350,7 +386,13 @@ mod tests {
         let limiters = RateLimiters::new(clock.clone(), 100);
         for i in 0..1000 {
             assert_eq!(
-                limiters.check("r", &rate(), format!("k{i}").as_str().into(), 1),
+                limiters.check(
+                    "r",
+                    &rate(),
+                    format!("k{i}").as_str().into(),
+                    1,
+                    clock.now_millis()
+                ),
                 Ok(())
             );
             // Every key so far has refilled by the next one.
@@ -368,14 +410,73 @@ mod tests {
         let clock = Arc::new(ManualClock::at(1_800_000_000));
         let limiters = RateLimiters::new(clock.clone(), 10);
         for _ in 0..10 {
-            assert_eq!(limiters.check("r", &rate(), "hot".into(), 1), Ok(()));
+            assert_eq!(
+                limiters.check("r", &rate(), "hot".into(), 1, clock.now_millis()),
+                Ok(())
+            );
         }
-        assert!(limiters.check("r", &rate(), "hot".into(), 1).is_err());
+        assert!(
+            limiters
+                .check("r", &rate(), "hot".into(), 1, clock.now_millis())
+                .is_err()
+        );
         // Far past the cap, at the same instant: nothing has refilled, nothing goes.
         for i in 0..500 {
-            let _ = limiters.check("r", &rate(), format!("k{i}").as_str().into(), 1);
+            let _ = limiters.check(
+                "r",
+                &rate(),
+                format!("k{i}").as_str().into(),
+                1,
+                clock.now_millis(),
+            );
         }
         assert!(limiters.keys() > 500);
-        assert!(limiters.check("r", &rate(), "hot".into(), 1).is_err());
+        assert!(
+            limiters
+                .check("r", &rate(), "hot".into(), 1, clock.now_millis())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_quota_is_measured_at_the_decisions_time_not_the_clocks() {
+        let clock = Arc::new(ManualClock::at(1_800_000_000));
+        let limiters = RateLimiters::new(clock.clone(), 100);
+        let decided = clock.now_millis();
+        for _ in 0..10 {
+            assert_eq!(limiters.check("r", &rate(), "k".into(), 1, decided), Ok(()));
+        }
+        // The clock has moved on by the whole period; the decision's time has not.
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(limiters.check("r", &rate(), "k".into(), 1, decided), Err(1));
+        let mut quotas = SessionQuotas::default();
+        let sid = Rate {
+            key: RateKey::Sid,
+            ..rate()
+        };
+        let later = clock.now_millis();
+        for _ in 0..10 {
+            assert_eq!(
+                limiters.check_session("s", &sid, "sid", &mut quotas, 1, later),
+                Ok(())
+            );
+        }
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(
+            limiters.check_session("s", &sid, "sid", &mut quotas, 1, later),
+            Err(1)
+        );
+        // Once the quota has refilled at the time a decision is made, it fits again.
+        let refilled = clock.now_millis();
+        assert_eq!(
+            limiters.check("r", &rate(), "k".into(), 1, refilled),
+            Ok(())
+        );
+        assert_eq!(
+            limiters.check_session("s", &sid, "sid", &mut quotas, 1, refilled),
+            Ok(())
+        );
+        // Outside a check, the limiters read the clock.
+        assert!(DECIDING_AT.get().is_none());
     }
 }

@@ -300,6 +300,7 @@ pub struct Rule {
 
 impl Rule {
     /// Whether the rule's scope (path prefixes, methods) covers the request.
+    #[inline]
     pub fn in_scope(&self, method: Option<&str>, path: Option<&str>) -> bool {
         let path_ok = self.paths.is_empty()
             || path.is_some_and(|p| {

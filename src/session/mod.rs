@@ -15,7 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::clock::{SharedClock, UnixSeconds};
 use crate::config::{TokenSettings, sha256, to_hex};
-use crate::events::{Event, EventKind, EventSink};
+use crate::events::{EventKind, EventRef, EventSink};
 use crate::monitor::{Assessment, Monitor, RequestInfo};
 use crate::revocation::{Change, RevocationView, RevokedBy, TokenIds};
 use crate::risk::{Decision, Evaluation, RequestKind};
@@ -403,7 +403,7 @@ impl SessionService {
                     .request(&request_info)
                     .decision("invalid")
                     .detail(code.code());
-                event.session_id = current.map(|r| r.session_id);
+                event.session_id = current.as_ref().map(|r| r.session_id.as_str());
                 self.emit(event);
                 Err(SessionError::InvalidGrant(code))
             }
@@ -507,7 +507,7 @@ impl SessionService {
             .event(EventKind::Revoke)
             .decision("revoke_user")
             .detail(format!("{reason} ({revoked} sessions)"));
-        event.subject = Some(subject.as_str().to_owned());
+        event.subject = Some(subject.as_str());
         self.emit(event);
         Ok(revoked)
     }
@@ -704,14 +704,23 @@ impl SessionService {
         request: &RequestInfo,
     ) -> Result<Verdict, SessionError> {
         let (verdict, client) = self.decide(token, request).await?;
-        let mut event = self.event(EventKind::Request).request(request);
-        event = match &verdict {
-            Verdict::Assessed(claims, e) => event.session(&claims.sid, &claims.sub).evaluation(e),
-            Verdict::Revoked(claims, by) => event
+        let mut event = match &verdict {
+            // At the time it was scored: the clock is read once for the decision.
+            Verdict::Assessed(claims, e) => EventRef::new(EventKind::Request, e.at_ms)
+                .request(request)
+                .session(&claims.sid, &claims.sub)
+                .evaluation(e),
+            Verdict::Revoked(claims, by) => self
+                .event(EventKind::Request)
+                .request(request)
                 .session(&claims.sid, &claims.sub)
                 .decision("revoke")
                 .detail(by.code()),
-            Verdict::Invalid(e) => event.decision("invalid").detail(e.code()),
+            Verdict::Invalid(e) => self
+                .event(EventKind::Request)
+                .request(request)
+                .decision("invalid")
+                .detail(e.code()),
         };
         if let Some(c) = &client {
             event = event.client(c);
@@ -924,14 +933,14 @@ impl SessionService {
         self.events.get()
     }
 
-    fn emit(&self, event: Event) {
+    fn emit(&self, event: EventRef<'_>) {
         if let Some(sink) = self.events.get() {
             sink.record(event);
         }
     }
 
-    fn event(&self, kind: EventKind) -> Event {
-        Event::new(kind, self.clock.now_millis())
+    fn event(&self, kind: EventKind) -> EventRef<'static> {
+        EventRef::new(kind, self.clock.now_millis())
     }
 
     /// The event of a sign-in (session opened or re-authenticated): always `allow`.

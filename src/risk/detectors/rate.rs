@@ -41,9 +41,9 @@ pub fn evaluate(
     let checked = match p.key {
         // The state scored is the session's: its quota is kept there.
         RateKey::Sid if !ctx.sid.is_empty() => {
-            limiters.check_session(rule_id, p, ctx.sid, quotas, cost)
+            limiters.check_session(rule_id, p, ctx.sid, quotas, cost, ctx.at_ms)
         }
-        _ => limiters.check(rule_id, p, key(p, ctx)?, cost),
+        _ => limiters.check(rule_id, p, key(p, ctx)?, cost, ctx.at_ms),
     };
     let wait = checked.err()?;
     let mut h = hit(
@@ -98,10 +98,13 @@ mod tests {
         }
         let h = evaluate("r", &p, &limiters, &ctx(&c, at), &mut q).unwrap();
         assert_eq!(h.retry_after, Some(2));
+        // Measured at the decision's time: two seconds later, one cell has refilled.
         clock.advance(Duration::from_secs(2));
-        assert!(evaluate("r", &p, &limiters, &ctx(&c, at), &mut q).is_none());
+        assert!(evaluate("r", &p, &limiters, &ctx(&c, at), &mut q).is_some());
+        let later = crate::clock::Clock::now_millis(&*clock);
+        assert!(evaluate("r", &p, &limiters, &ctx(&c, later), &mut q).is_none());
         // A request costing more than the burst can never fit.
-        let mut heavy = ctx(&c, at);
+        let mut heavy = ctx(&c, later);
         heavy.cost = 50;
         assert!(evaluate("r", &p, &limiters, &heavy, &mut q).is_some());
         // Counted in the session's own state, not as a key of the shared limiter.
@@ -179,7 +182,7 @@ mod tests {
     fn a_session_quota_and_a_keyed_one_answer_alike() {
         // The same quota, counted by session (in the session) and by subject (in
         // governor's keyed map), over the same requests and times.
-        let (clock, limiters, at) = limiters();
+        let (clock, limiters, _) = limiters();
         let c = oslo();
         let mut q = SessionQuotas::default();
         let by_sid = quota(RateKey::Sid, 4, 10, true);
@@ -194,7 +197,7 @@ mod tests {
             (6, 9, 0),
             (7, 1, 0),
         ] {
-            let mut r = ctx(&c, at);
+            let mut r = ctx(&c, crate::clock::Clock::now_millis(&*clock));
             r.cost = cost;
             let a = evaluate("sid", &by_sid, &limiters, &r, &mut q).map(|h| h.retry_after);
             let b = evaluate("sub", &by_sub, &limiters, &r, &mut SessionQuotas::default())
