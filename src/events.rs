@@ -495,9 +495,13 @@ fn parse_ms(ts: &str) -> Option<i64> {
         .or_else(full)
 }
 
-/// `YYYY-MM-DDTHH:MM:SS` of a Unix second, UTC; `None` out of range.
+/// `YYYY-MM-DDTHH:MM:SS` of a Unix second, UTC; `None` out of range (a year
+/// before 0 or after 9999, which RFC 3339 cannot write).
 fn format_second(second: i64) -> Option<String> {
     let t = time::OffsetDateTime::from_unix_timestamp(second).ok()?;
+    if !(0..=9999).contains(&t.year()) {
+        return None;
+    }
     let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
     t.format(&fmt).ok()
 }
@@ -1203,14 +1207,14 @@ mod tests {
             retry_after: Some(1),
             shadow_decision: crate::risk::Decision::Deny,
             rules_hash: Arc::from("0123456789abcdef"),
-            at_ms: 0,
         };
         for (ms, ip) in [
             (1_800_000_000_007, "81.2.69.142"),
             (-1, "2001:db8::7"),
             (0, "::ffff:10.0.0.1"),
-            // Out of range: written as the epoch, and stored at it.
+            // Out of range (the last two): written as the epoch, and stored at it.
             (i64::MAX, "255.255.255.255"),
+            (-62_167_219_200_001, "192.0.2.1"),
         ] {
             let ip: std::net::IpAddr = ip.parse().unwrap();
             let request = RequestInfo {
@@ -1262,7 +1266,11 @@ mod tests {
                 assert!(!line.contains("secret") && !line.contains("frag"), "{line}");
                 let row = stored(&recorded).unwrap();
                 assert_eq!(row.event, line);
-                let expected_ms = if ms == i64::MAX { 0 } else { ms };
+                let expected_ms = if ms == i64::MAX || ms < -62_167_219_200_000 {
+                    0
+                } else {
+                    ms
+                };
                 assert_eq!(written, Some(expected_ms));
                 assert_eq!(row.ts_ms, expected_ms);
                 assert_eq!(stored(&read_back.view()).unwrap().ts_ms, expected_ms);
@@ -1329,6 +1337,13 @@ mod tests {
             "1970-01-01T00:00:00.000Z",
             "out of range"
         );
+        // The first millisecond RFC 3339 can write, and the one before it.
+        assert_eq!(rfc3339_ms(-62_167_219_200_000), "0000-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_ms(-62_167_219_200_001),
+            "1970-01-01T00:00:00.000Z",
+            "a year before 0"
+        );
     }
 
     #[test]
@@ -1341,6 +1356,7 @@ mod tests {
             -1,
             -1_000,
             0,
+            -62_167_219_200_000,
         ] {
             let e = EventRef::new(EventKind::Request, ms);
             let read_back = Event::from(e.clone());

@@ -178,9 +178,6 @@ pub struct Evaluation {
     /// What the decision would be if shadow rules were enforced.
     pub shadow_decision: Decision,
     pub rules_hash: Arc<str>,
-    /// When the request was scored (the context's `at_ms`): its event's time.
-    #[serde(skip)]
-    pub at_ms: i64,
 }
 
 /// A detector's finding.
@@ -380,6 +377,5 @@ pub fn evaluate(
         },
         shadow_decision,
         rules_hash: Arc::clone(&rules.hash),
-        at_ms: ctx.at_ms,
     }
 }

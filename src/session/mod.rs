@@ -704,23 +704,15 @@ impl SessionService {
         request: &RequestInfo,
     ) -> Result<Verdict, SessionError> {
         let (verdict, client) = self.decide(token, request).await?;
-        let mut event = match &verdict {
-            // At the time it was scored: the clock is read once for the decision.
-            Verdict::Assessed(claims, e) => EventRef::new(EventKind::Request, e.at_ms)
-                .request(request)
-                .session(&claims.sid, &claims.sub)
-                .evaluation(e),
-            Verdict::Revoked(claims, by) => self
-                .event(EventKind::Request)
-                .request(request)
+        // Timed after the decision, so it follows any event its enforcement recorded.
+        let mut event = self.event(EventKind::Request).request(request);
+        event = match &verdict {
+            Verdict::Assessed(claims, e) => event.session(&claims.sid, &claims.sub).evaluation(e),
+            Verdict::Revoked(claims, by) => event
                 .session(&claims.sid, &claims.sub)
                 .decision("revoke")
                 .detail(by.code()),
-            Verdict::Invalid(e) => self
-                .event(EventKind::Request)
-                .request(request)
-                .decision("invalid")
-                .detail(e.code()),
+            Verdict::Invalid(e) => event.decision("invalid").detail(e.code()),
         };
         if let Some(c) = &client {
             event = event.client(c);
