@@ -245,6 +245,7 @@ async fn a_node_that_cannot_read_the_feed_stops_allowing_and_says_why() {
     // Ready again too. Asked until it says so: on a loaded machine the feed's next
     // read can come later than the bound after the one that answered above, and
     // the node is then rightly not ready for a moment.
+    let start = Instant::now();
     loop {
         let ready = node
             .http
@@ -256,7 +257,10 @@ async fn a_node_that_cannot_read_the_feed_stops_allowing_and_says_why() {
             break;
         }
         assert_eq!(ready.status(), 503);
-        assert!(start.elapsed() < Duration::from_secs(10), "never ready again");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never ready again"
+        );
         tokio::task::yield_now().await;
     }
 }
