@@ -75,15 +75,14 @@ fn stored(e: &EventRef<'_>) -> Option<StoredEvent> {
         kind: Cow::Borrowed(e.kind.as_str()),
         session_id: e.session_id.map(clean),
         subject: e.subject.map(clean),
-        decision: e.decision.map(|d| match d {
-            // The engine's words, borrowed; any other text (a line read back) copied.
-            "allow" => Cow::Borrowed("allow"),
-            "step_up" => Cow::Borrowed("step_up"),
-            "deny" => Cow::Borrowed("deny"),
-            "revoke" => Cow::Borrowed("revoke"),
-            "revoke_user" => Cow::Borrowed("revoke_user"),
-            "invalid" => Cow::Borrowed("invalid"),
-            d => Cow::Owned(clean(d)),
+        decision: e.decision.map(|d| {
+            // One of the engine's words (its own names, read as serde reads them)
+            // is borrowed; any other text (a line read back) is copied.
+            use serde::de::IntoDeserializer;
+            let word: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+                d.into_deserializer();
+            crate::risk::Decision::deserialize(word)
+                .map_or_else(|_| Cow::Owned(clean(d)), |w| Cow::Borrowed(w.as_str()))
         }),
         event,
     })
@@ -1481,6 +1480,20 @@ mod tests {
         assert_eq!(s.subject.as_deref(), Some("al\u{fffd}ice"));
         assert_eq!(s.session_id.as_deref(), Some("s\u{fffd}"));
         assert!(!s.event.contains("\\u0000") && s.event.contains("al\\ufffdice"));
+        // The engine's words are borrowed; other text is copied, cleaned.
+        for decision in [
+            "allow",
+            "step_up",
+            "deny",
+            "revoke",
+            "revoke_user",
+            "invalid",
+        ] {
+            let s = stored(&EventRef::new(EventKind::Request, 0).decision(decision)).unwrap();
+            assert!(matches!(s.decision, Some(Cow::Borrowed(d)) if d == decision));
+        }
+        let s = stored(&EventRef::new(EventKind::Request, 0).decision("de\0ny")).unwrap();
+        assert!(matches!(s.decision, Some(Cow::Owned(d)) if d == "de\u{fffd}ny"));
     }
 
     /// The word-wise check agrees with the byte-wise definition for every byte

@@ -225,13 +225,15 @@ async fn a_node_that_cannot_read_the_feed_stops_allowing_and_says_why() {
         refused["detail"].as_str().unwrap().contains("change feed"),
         "{refused}"
     );
-    let ready = node
-        .http
-        .get(format!("{}/readyz", node.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503);
+    let readiness = || async {
+        node.http
+            .get(format!("{}/readyz", node.base))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(readiness().await, 503);
     sqlx::query("ALTER TABLE changes_unreachable RENAME TO changes")
         .execute(&mut admin)
         .await
@@ -247,16 +249,11 @@ async fn a_node_that_cannot_read_the_feed_stops_allowing_and_says_why() {
     // the node is then rightly not ready for a moment.
     let start = Instant::now();
     loop {
-        let ready = node
-            .http
-            .get(format!("{}/readyz", node.base))
-            .send()
-            .await
-            .unwrap();
-        if ready.status() == 200 {
+        let ready = readiness().await;
+        if ready == 200 {
             break;
         }
-        assert_eq!(ready.status(), 503);
+        assert_eq!(ready, 503);
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "never ready again"
