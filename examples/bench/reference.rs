@@ -14,5 +14,12 @@ async fn main() -> std::io::Result<()> {
         .unwrap_or(7000);
     let app = Router::new().fallback(any(|_body: Bytes| async { r#"{"decision":"allow"}"# }));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-    axum::serve(listener, app).await
+    // Stops on SIGTERM by returning from `main`, as tokenwarden does, so a
+    // profile-instrumented build writes its profile (BENCHMARKS.md, PGO).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            term.recv().await;
+        })
+        .await
 }

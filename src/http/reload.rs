@@ -6,8 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify_debouncer_full::new_debouncer;
-use notify_debouncer_full::notify::RecursiveMode;
+use notify::{RecursiveMode, Watcher};
 
 use crate::metrics::Metrics;
 use crate::monitor::Monitor;
@@ -34,7 +33,18 @@ fn reload(monitor: &Monitor, metrics: &Metrics, why: &str) {
         .inc();
 }
 
+/// How long a burst of changes to the rule file settles before it is read: an
+/// editor's save is often a write, a rename and a metadata change in a few
+/// milliseconds. Counted from the burst's first change, so a file written without
+/// pause is still read every `SETTLE`.
+const SETTLE: Duration = Duration::from_millis(250);
+
 /// Starts watching; the task ends when aborted. Without a rule file it only waits.
+///
+/// The watcher's own thread sleeps on inotify (or the platform's equivalent) and
+/// the bursts are settled here, on the runtime's timer: nothing wakes while no file
+/// changes. (A debouncer thread that ticks four times per settling period woke the
+/// process 16 times a second, idle or not.)
 pub fn spawn(monitor: Arc<Monitor>, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let Some(path) = monitor.rules_path().map(|p| p.to_owned()) else {
@@ -44,29 +54,25 @@ pub fn spawn(monitor: Arc<Monitor>, metrics: Arc<Metrics>) -> tokio::task::JoinH
         // Kept so the channel stays open (and SIGHUP keeps working) even without a watcher.
         let _sender = tx.clone();
         let file_name = path.file_name().map(|n| n.to_owned());
-        let debouncer = new_debouncer(
-            Duration::from_millis(250),
-            None,
-            move |result: notify_debouncer_full::DebounceEventResult| {
-                if let Ok(events) = result
-                    && events.iter().any(|e| {
-                        e.paths
-                            .iter()
-                            .any(|p| p.file_name() == file_name.as_deref())
-                    })
-                {
-                    let _ = tx.send(());
-                }
-            },
-        );
+        let watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
+            // An error of the watcher itself is no change of the file; SIGHUP still works.
+            if let Ok(event) = result
+                && event
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name() == file_name.as_deref())
+            {
+                let _ = tx.send(());
+            }
+        });
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(std::path::Path::new("."))
             .to_owned();
-        let _watcher = match debouncer {
-            Ok(mut d) => match d.watch(&dir, RecursiveMode::NonRecursive) {
-                Ok(()) => Some(d),
+        let _watcher = match watcher {
+            Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => Some(w),
                 Err(e) => {
                     tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the rules directory; reload with SIGHUP");
                     None
@@ -79,6 +85,8 @@ pub fn spawn(monitor: Arc<Monitor>, metrics: Arc<Metrics>) -> tokio::task::JoinH
         };
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        // When the burst of changes seen settles, if one is seen.
+        let mut settled_at: Option<tokio::time::Instant> = None;
         loop {
             #[cfg(unix)]
             let sighup = async {
@@ -89,9 +97,19 @@ pub fn spawn(monitor: Arc<Monitor>, metrics: Arc<Metrics>) -> tokio::task::JoinH
             };
             #[cfg(not(unix))]
             let sighup = std::future::pending::<Option<()>>();
+            let settled = async {
+                match settled_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = rx.recv() => {
                     if changed.is_none() { break; }
+                    settled_at.get_or_insert_with(|| tokio::time::Instant::now() + SETTLE);
+                }
+                () = settled => {
+                    settled_at = None;
                     reload(&monitor, &metrics, "file change");
                 }
                 _ = sighup => reload(&monitor, &metrics, "SIGHUP"),
