@@ -39,6 +39,26 @@ fn reload(monitor: &Monitor, metrics: &Metrics, why: &str) {
 /// pause is still read every `SETTLE`.
 const SETTLE: Duration = Duration::from_millis(250);
 
+/// Whether a watcher's event in the rules directory may have changed the rules:
+/// the file itself created, written, renamed or removed, or (a Kubernetes
+/// ConfigMap) the `..data` link swapped that the file reaches through. Reading
+/// the file is no change: reloading reads it, and an open counted as a change
+/// made every reload schedule the next one.
+fn changes_the_rules(event: &notify::Event, file_name: Option<&std::ffi::OsStr>) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    let changes = match event.kind {
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Other => false,
+    };
+    changes
+        && event.paths.iter().any(|p| {
+            let name = p.file_name();
+            name == file_name || name == Some(std::ffi::OsStr::new("..data"))
+        })
+}
+
 /// Starts watching; the task ends when aborted. Without a rule file it only waits.
 ///
 /// The watcher's own thread sleeps on inotify (or the platform's equivalent) and
@@ -57,10 +77,7 @@ pub fn spawn(monitor: Arc<Monitor>, metrics: Arc<Metrics>) -> tokio::task::JoinH
         let watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
             // An error of the watcher itself is no change of the file; SIGHUP still works.
             if let Ok(event) = result
-                && event
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name() == file_name.as_deref())
+                && changes_the_rules(&event, file_name.as_deref())
             {
                 let _ = tx.send(());
             }
@@ -116,4 +133,64 @@ pub fn spawn(monitor: Arc<Monitor>, metrics: Arc<Metrics>) -> tokio::task::JoinH
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+    use std::path::PathBuf;
+
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RemoveKind,
+        RenameMode,
+    };
+
+    use super::changes_the_rules;
+
+    fn event(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(PathBuf::from(path))
+    }
+
+    #[test]
+    fn a_change_to_the_file_counts_and_reading_it_does_not() {
+        let name = Some(OsStr::new("rules.toml"));
+        for kind in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+        ] {
+            assert!(
+                changes_the_rules(&event(kind, "/etc/tw/rules.toml"), name),
+                "{kind:?}"
+            );
+            assert!(
+                !changes_the_rules(&event(kind, "/etc/tw/other.toml"), name),
+                "{kind:?} of another file"
+            );
+        }
+        // What the reload itself does to the file: open, read, close.
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+        ] {
+            assert!(
+                !changes_the_rules(&event(kind, "/etc/tw/rules.toml"), name),
+                "{kind:?}"
+            );
+        }
+    }
+
+    /// kubelet updates a ConfigMap by swapping the `..data` link the file
+    /// reaches through; the file's own name sees no event.
+    #[test]
+    fn a_configmap_swap_counts() {
+        let swap = event(
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            "/etc/tw/..data",
+        );
+        assert!(changes_the_rules(&swap, Some(OsStr::new("rules.toml"))));
+    }
 }
