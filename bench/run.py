@@ -3,6 +3,7 @@
 
     python3 bench/run.py            # the whole run (about 9 minutes)
     python3 bench/run.py --quick    # shorter runs, fewer tokens (a smoke test)
+    python3 bench/run.py --pgo      # both servers profile-guided (after bench/pgo.py)
 
 Servers are pinned to core 0, the load generator (wrk, Debian) to core 1. Every
 figure is printed as a ratio to the reference measured in the same run: the
@@ -30,6 +31,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE = ROOT / "target" / "release"
+# The servers' builds (tokenwarden and the reference): the plain release build, or
+# with --pgo the profile-guided one bench/pgo.py makes. The load generator's
+# helper (bench-tokens) is always the plain build.
+PGO_RELEASE = ROOT / "target" / "pgo" / "release"
+SERVERS = RELEASE
+# What the servers are built from: a profile-guided build stays current while
+# none of these changes.
+BUILD_INPUTS = ("src", "examples", "rules", "migrations", "vendor", "Cargo.toml", "Cargo.lock", "build.rs")
 SERVER_CORE, LOAD_CORE = "0", "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -148,7 +157,24 @@ def combined(runs):
     return out
 
 
-def build():
+def git(*args):
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def build_inputs_stamp():
+    """The commit the servers' sources are at, and whether they hold uncommitted changes."""
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return "an unknown source (not a git checkout)"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *BUILD_INPUTS).stdout.strip()
+    return head.stdout.strip() + (" with uncommitted changes" if dirty else "")
+
+
+def build(pgo=False):
+    if pgo:
+        log("building (release): the bench-tokens helper; the servers are bench/pgo.py's builds")
+        subprocess.run(["cargo", "build", "--release", "--example", "bench-tokens"], cwd=ROOT, check=True)
+        return
     log("building (release): tokenwarden and the bench examples")
     subprocess.run(
         ["cargo", "build", "--release", "--bin", "tokenwarden", "--example", "bench-reference",
@@ -162,7 +188,7 @@ class Tokenwarden:
     MaxMind's test GeoIP databases; forwarding headers believed from loopback."""
 
     def __init__(self, work, alg, binary=None, name=""):
-        binary = binary or RELEASE / "tokenwarden"
+        binary = binary or SERVERS / "tokenwarden"
         self.dir = Path(work) / f"tokenwarden-{alg}{name}"
         self.dir.mkdir()
         self.port, self.admin_port = free_port(), free_port()
@@ -278,7 +304,27 @@ def main():
     ap.add_argument("--seconds", type=int, default=None, help="length of each run")
     ap.add_argument("--sessions", type=int, default=None, help="distinct sessions and tokens")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--pgo", action="store_true",
+                    help="run bench/pgo.py's profile-guided builds of both servers (target/pgo/release)")
     args = ap.parse_args()
+    global SERVERS
+    build_note = "release builds"
+    if args.pgo:
+        SERVERS = PGO_RELEASE
+        for binary in (SERVERS / "tokenwarden", SERVERS / "examples" / "bench-reference"):
+            if not binary.is_file():
+                raise SystemExit(f"no profile-guided build at {binary}: run python3 bench/pgo.py first")
+        stamp = ROOT / "target" / "pgo" / "SOURCE"
+        source = stamp.read_text().strip() if stamp.is_file() else "an unknown source"
+        build_note = f"profile-guided builds of {source}"
+        built_from = source.split()[0]
+        now = build_inputs_stamp()
+        stale = (source != now and git("diff", "--quiet", built_from, "--", *BUILD_INPUTS).returncode != 0) \
+            or "uncommitted" in source
+        if stale:
+            log(f"WARNING: the profile-guided builds are of {source}; the sources now are {now}: "
+                "run bench/pgo.py again")
+            build_note += f"; the sources have changed since (now {now})"
     seconds = args.seconds or (2 if args.quick else 6)
     cpu_seconds_tw = seconds if args.quick else max(seconds, 60)
     saturation_turns = 1 if args.quick else 2
@@ -289,7 +335,7 @@ def main():
     if os.cpu_count() < 2:
         raise SystemExit("two cores are needed: one for the servers, one for the load")
     if not args.no_build:
-        build()
+        build(args.pgo)
 
     rows = []  # (what, measured, reference, ratio, target, met)
 
@@ -302,7 +348,7 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="tokenwarden-bench-") as work:
         ref_port = free_port()
-        reference = Process([RELEASE / "examples" / "bench-reference", ref_port])
+        reference = Process([SERVERS / "examples" / "bench-reference", ref_port])
         ref_url = f"http://127.0.0.1:{ref_port}"
         wait_http(f"{ref_url}/healthz")
 
@@ -362,7 +408,7 @@ def main():
             if alg == "HS512":
                 log("nginx in front: tokenwarden forward-auth vs the reference as the authorizer")
                 app_port = free_port()
-                upstream = Process([RELEASE / "examples" / "bench-reference", app_port])
+                upstream = Process([SERVERS / "examples" / "bench-reference", app_port])
                 wait_http(f"http://127.0.0.1:{app_port}/")
                 ng_ref, ng_ref_url = nginx(work, "reference", f"127.0.0.1:{ref_port}", f"127.0.0.1:{app_port}")
                 ng_tw, ng_tw_url = nginx(work, "tokenwarden", f"127.0.0.1:{tw.port}", f"127.0.0.1:{app_port}")
@@ -404,7 +450,7 @@ def main():
                 r["nginx_tw"]["rps"], r["nginx_ref"]["rps"], 0.9, unit="req/s")
 
     print(f"\n## tokenwarden vs a bare axum server ({sessions} sessions, {seconds} s runs, "
-          f"server on core {SERVER_CORE}, wrk on core {LOAD_CORE})\n")
+          f"server on core {SERVER_CORE}, wrk on core {LOAD_CORE}; {build_note})\n")
     print("| measure | tokenwarden | reference | ratio | target | |")
     print("|---|---:|---:|---:|---:|---|")
     for what, value, reference_value, ratio, target, lower, met, unit in rows:
