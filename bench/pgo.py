@@ -16,7 +16,9 @@
    vendor, Cargo files), which bench/run.py --pgo prints, warning when they changed.
 
 Each step fails loudly: a missing tool, a training run that wrote no profile, a
-merge that failed. Nothing here touches target/release, which stays the plain build.
+merge that failed. In target/release it builds only the plain bench-tokens helper;
+the plain servers there are left as they are. RUSTFLAGS from the environment are
+kept, with the profile flags added.
 """
 
 import os
@@ -46,7 +48,9 @@ def llvm_profdata():
     if not found:
         raise SystemExit(f"rustc -vV names no LLVM version:\n{out}")
     major = found.group(1)
+    sysroot = subprocess.run(["rustc", "--print", "sysroot"], capture_output=True, text=True).stdout.strip()
     candidates = [shutil.which(f"llvm-profdata-{major}"), f"/usr/lib/llvm-{major}/bin/llvm-profdata",
+                  *map(str, Path(sysroot).glob("lib/rustlib/*/bin/llvm-profdata")),  # rustup's llvm-tools
                   shutil.which("llvm-profdata")]
     for tool in filter(None, candidates):
         if not Path(tool).is_file():
@@ -58,7 +62,8 @@ def llvm_profdata():
 
 
 def cargo_build(target_dir, rustflags, *targets):
-    env = {**os.environ, "CARGO_TARGET_DIR": str(target_dir), "RUSTFLAGS": rustflags}
+    flags = " ".join(filter(None, [os.environ.get("RUSTFLAGS", ""), rustflags]))
+    env = {**os.environ, "CARGO_TARGET_DIR": str(target_dir), "RUSTFLAGS": flags}
     subprocess.run(["cargo", "build", "--release", *targets], cwd=ROOT, env=env, check=True)
 
 
@@ -67,30 +72,36 @@ def train(raw):
     binaries = GENERATE / "release"
     with tempfile.TemporaryDirectory(prefix="tokenwarden-pgo-") as work:
         ref_port = free_port()
-        reference = Process([binaries / "examples" / "bench-reference", ref_port])
-        ref_url = f"http://127.0.0.1:{ref_port}"
-        wait_http(f"{ref_url}/healthz")
-        for alg in ("HS512", "ES256", "EdDSA"):
-            log(f"training on {alg}")
-            tw = Tokenwarden(work, alg, binary=binaries / "tokenwarden")
-            warm, cold = tw.tokens(SESSIONS, NEVER_SEEN if alg == "HS512" else 0)
-            pid = [tw.proc.pid]
-            wrk(tw.base, warm, "forward-auth", SECONDS, pids=pid)
-            wrk(tw.base, warm, "forward-auth", SECONDS, pids=pid)
-            wrk(tw.base, warm, "verify", SECONDS, app_key=tw.app_key, pids=pid)
-            wrk(tw.base, warm, "forward-auth", SECONDS, connections=16, rate=2000, pids=pid)
-            if alg == "HS512":
-                wrk(tw.base, cold, "forward-auth", SECONDS, pids=pid)
-                wrk(ref_url, warm, "forward-auth", SECONDS, pids=[reference.pid])
-                wrk(ref_url, warm, "verify", SECONDS, pids=[reference.pid])
-                wrk(ref_url, warm, "forward-auth", SECONDS, connections=16, rate=2000, pids=[reference.pid])
-            tw.proc.stop()
-            if tw.proc.proc.returncode != 0:
-                raise SystemExit(f"the instrumented tokenwarden ({alg}) exited with {tw.proc.proc.returncode}: "
-                                 "its profile may be incomplete")
-        reference.stop()
-        if reference.proc.returncode != 0:
-            raise SystemExit(f"the instrumented reference exited with {reference.proc.returncode}")
+        running = [reference := Process([binaries / "examples" / "bench-reference", ref_port])]
+        try:
+            ref_url = f"http://127.0.0.1:{ref_port}"
+            wait_http(f"{ref_url}/healthz")
+            for alg in ("HS512", "ES256", "EdDSA"):
+                log(f"training on {alg}")
+                tw = Tokenwarden(work, alg, binary=binaries / "tokenwarden")
+                running.append(tw.proc)
+                warm, cold = tw.tokens(SESSIONS, NEVER_SEEN if alg == "HS512" else 0)
+                pid = [tw.proc.pid]
+                wrk(tw.base, warm, "forward-auth", SECONDS, pids=pid)
+                wrk(tw.base, warm, "forward-auth", SECONDS, pids=pid)
+                wrk(tw.base, warm, "verify", SECONDS, app_key=tw.app_key, pids=pid)
+                wrk(tw.base, warm, "forward-auth", SECONDS, connections=16, rate=2000, pids=pid)
+                if alg == "HS512":
+                    wrk(tw.base, cold, "forward-auth", SECONDS, pids=pid)
+                    wrk(ref_url, warm, "forward-auth", SECONDS, pids=[reference.pid])
+                    wrk(ref_url, warm, "verify", SECONDS, pids=[reference.pid])
+                    wrk(ref_url, warm, "forward-auth", SECONDS, connections=16, rate=2000, pids=[reference.pid])
+                tw.proc.stop()
+                if tw.proc.proc.returncode != 0:
+                    raise SystemExit(f"the instrumented tokenwarden ({alg}) exited with "
+                                     f"{tw.proc.proc.returncode}: its profile may be incomplete")
+            reference.stop()
+            if reference.proc.returncode != 0:
+                raise SystemExit(f"the instrumented reference exited with {reference.proc.returncode}")
+        finally:
+            for proc in running:
+                if proc.proc.poll() is None:
+                    proc.stop()
     # One per process: three key generations, three servers and the reference.
     profiles = [p for p in sorted(raw.glob("*.profraw")) if p.stat().st_size > 0]
     if len(profiles) != 7:
@@ -132,6 +143,8 @@ def main():
     (PGO / "SOURCE").unlink(missing_ok=True)
     cargo_build(PGO, f"-Cprofile-use={merged} -Cllvm-args=-pgo-warn-missing-function=false",
                 "--bin", "tokenwarden", "--example", "bench-reference")
+    if build_inputs_stamp() != stamp:
+        stamp = stamp.split()[0] + " with uncommitted changes"  # the sources moved during the build
     (PGO / "SOURCE").write_text(stamp + "\n")
     log(f"done: {PGO / 'release' / 'tokenwarden'} and {PGO / 'release' / 'examples' / 'bench-reference'}, "
         f"from {stamp}; now python3 bench/run.py --pgo")

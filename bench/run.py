@@ -319,9 +319,10 @@ def main():
         build_note = f"profile-guided builds of {source}"
         built_from = source.split()[0]
         now = build_inputs_stamp()
-        stale = (source != now and git("diff", "--quiet", built_from, "--", *BUILD_INPUTS).returncode != 0) \
-            or "uncommitted" in source
-        if stale:
+        stale = source != now and git("diff", "--quiet", built_from, "--", *BUILD_INPUTS).returncode != 0
+        if "uncommitted" in source:
+            log(f"WARNING: the profile-guided builds are of {source}: whether they are current cannot be told")
+        elif stale:
             log(f"WARNING: the profile-guided builds are of {source}; the sources now are {now}: "
                 "run bench/pgo.py again")
             build_note += f"; the sources have changed since (now {now})"
