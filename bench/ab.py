@@ -59,6 +59,7 @@ def main():
     args = ap.parse_args()
     if not args.before.is_file():
         sys.exit(f"no binary at {args.before}")
+    args.before = args.before.resolve()  # the servers start in their own directories
     connections = 16 if 0 < args.rate <= 2000 else 64
     with tempfile.TemporaryDirectory(prefix="tokenwarden-ab-") as work:
         servers = {
