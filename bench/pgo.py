@@ -30,8 +30,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import (RELEASE, ROOT, SERVER_CORE, Process, Tokenwarden, build_inputs_stamp, free_port, log,  # noqa: E402
-                 wait_http, wrk)
+from run import (PGO_STAMP, ROOT, SERVER_CORE, Process, Tokenwarden, build, build_inputs_stamp, free_port,  # noqa: E402
+                 log, wait_http, wrk)
 
 GENERATE = ROOT / "target" / "pgo-generate"
 PGO = ROOT / "target" / "pgo"
@@ -119,10 +119,7 @@ def main():
     stamp = build_inputs_stamp()
     log(f"building from {stamp}; merging with {profdata}")
 
-    log("the plain load-generator helper (target/release/examples/bench-tokens)")
-    subprocess.run(["cargo", "build", "--release", "--example", "bench-tokens"], cwd=ROOT, check=True)
-    if not (RELEASE / "examples" / "bench-tokens").is_file():
-        raise SystemExit("bench-tokens was not built")
+    build(pgo=True)  # the plain bench-tokens helper, which writes the training's tokens
 
     raw = GENERATE / "profiles"
     log("instrumented build (target/pgo-generate)")
@@ -140,12 +137,12 @@ def main():
     log(f"merged {len(profiles)} profiles into {merged}")
 
     log("optimised build (target/pgo)")
-    (PGO / "SOURCE").unlink(missing_ok=True)
+    PGO_STAMP.unlink(missing_ok=True)
     cargo_build(PGO, f"-Cprofile-use={merged} -Cllvm-args=-pgo-warn-missing-function=false",
                 "--bin", "tokenwarden", "--example", "bench-reference")
     if build_inputs_stamp() != stamp:
         stamp = stamp.split()[0] + " with uncommitted changes"  # the sources moved during the build
-    (PGO / "SOURCE").write_text(stamp + "\n")
+    PGO_STAMP.write_text(stamp + "\n")
     log(f"done: {PGO / 'release' / 'tokenwarden'} and {PGO / 'release' / 'examples' / 'bench-reference'}, "
         f"from {stamp}; now python3 bench/run.py --pgo")
 

@@ -35,6 +35,7 @@ RELEASE = ROOT / "target" / "release"
 # with --pgo the profile-guided one bench/pgo.py makes. The load generator's
 # helper (bench-tokens) is always the plain build.
 PGO_RELEASE = ROOT / "target" / "pgo" / "release"
+PGO_STAMP = ROOT / "target" / "pgo" / "SOURCE"  # what bench/pgo.py built from
 SERVERS = RELEASE
 # What the servers are built from: a profile-guided build stays current while
 # none of these changes.
@@ -314,8 +315,7 @@ def main():
         for binary in (SERVERS / "tokenwarden", SERVERS / "examples" / "bench-reference"):
             if not binary.is_file():
                 raise SystemExit(f"no profile-guided build at {binary}: run python3 bench/pgo.py first")
-        stamp = ROOT / "target" / "pgo" / "SOURCE"
-        source = stamp.read_text().strip() if stamp.is_file() else "an unknown source"
+        source = PGO_STAMP.read_text().strip() if PGO_STAMP.is_file() else "an unknown source"
         build_note = f"profile-guided builds of {source}"
         built_from = source.split()[0]
         now = build_inputs_stamp()
