@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import RELEASE, Tokenwarden, wrk  # noqa: E402
+from run import RELEASE, Tokenwarden, stopping, wrk  # noqa: E402
 
 
 def wrapper(work, binary, name):
@@ -80,7 +80,7 @@ def main():
     if not args.before.is_file():
         sys.exit(f"no binary at {args.before}")
     results = {}
-    with tempfile.TemporaryDirectory(prefix="tokenwarden-instructions-") as work:
+    with tempfile.TemporaryDirectory(prefix="tokenwarden-instructions-") as work, stopping():
         for name, binary in (("A", args.before.resolve()), ("B", RELEASE / "tokenwarden")):
             script, out = wrapper(work, binary, name)
             tw = Tokenwarden(work, args.alg, binary=script, name=f"-{name.lower()}")

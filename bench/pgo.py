@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (PGO_STAMP, ROOT, SERVER_CORE, Process, Tokenwarden, build, build_inputs_stamp, free_port,  # noqa: E402
-                 log, wait_http, wrk)
+                 log, stopping, wait_http, wrk)
 
 GENERATE = ROOT / "target" / "pgo-generate"
 PGO = ROOT / "target" / "pgo"
@@ -70,38 +70,32 @@ def cargo_build(target_dir, rustflags, *targets):
 def train(raw):
     """The benchmark's own load, on the instrumented servers."""
     binaries = GENERATE / "release"
-    with tempfile.TemporaryDirectory(prefix="tokenwarden-pgo-") as work:
+    with tempfile.TemporaryDirectory(prefix="tokenwarden-pgo-") as work, stopping():
         ref_port = free_port()
-        running = [reference := Process([binaries / "examples" / "bench-reference", ref_port])]
-        try:
-            ref_url = f"http://127.0.0.1:{ref_port}"
-            wait_http(f"{ref_url}/healthz")
-            for alg in ("HS512", "ES256", "EdDSA"):
-                log(f"training on {alg}")
-                tw = Tokenwarden(work, alg, binary=binaries / "tokenwarden")
-                running.append(tw.proc)
-                warm, cold = tw.tokens(SESSIONS, NEVER_SEEN if alg == "HS512" else 0)
-                pid = [tw.proc.pid]
-                wrk(tw.base, warm, "forward-auth", SECONDS, pids=pid)
-                wrk(tw.base, warm, "forward-auth", SECONDS, pids=pid)
-                wrk(tw.base, warm, "verify", SECONDS, app_key=tw.app_key, pids=pid)
-                wrk(tw.base, warm, "forward-auth", SECONDS, connections=16, rate=2000, pids=pid)
-                if alg == "HS512":
-                    wrk(tw.base, cold, "forward-auth", SECONDS, pids=pid)
-                    wrk(ref_url, warm, "forward-auth", SECONDS, pids=[reference.pid])
-                    wrk(ref_url, warm, "verify", SECONDS, pids=[reference.pid])
-                    wrk(ref_url, warm, "forward-auth", SECONDS, connections=16, rate=2000, pids=[reference.pid])
-                tw.proc.stop()
-                if tw.proc.proc.returncode != 0:
-                    raise SystemExit(f"the instrumented tokenwarden ({alg}) exited with "
-                                     f"{tw.proc.proc.returncode}: its profile may be incomplete")
-            reference.stop()
-            if reference.proc.returncode != 0:
-                raise SystemExit(f"the instrumented reference exited with {reference.proc.returncode}")
-        finally:
-            for proc in running:
-                if proc.proc.poll() is None:
-                    proc.stop()
+        reference = Process([binaries / "examples" / "bench-reference", ref_port])
+        ref_url = f"http://127.0.0.1:{ref_port}"
+        wait_http(f"{ref_url}/healthz")
+        for alg in ("HS512", "ES256", "EdDSA"):
+            log(f"training on {alg}")
+            tw = Tokenwarden(work, alg, binary=binaries / "tokenwarden")
+            warm, cold = tw.tokens(SESSIONS, NEVER_SEEN if alg == "HS512" else 0)
+            pid = [tw.proc.pid]
+            wrk(tw.base, warm, "forward-auth", SECONDS, pids=pid)
+            wrk(tw.base, warm, "forward-auth", SECONDS, pids=pid)
+            wrk(tw.base, warm, "verify", SECONDS, app_key=tw.app_key, pids=pid)
+            wrk(tw.base, warm, "forward-auth", SECONDS, connections=16, rate=2000, pids=pid)
+            if alg == "HS512":
+                wrk(tw.base, cold, "forward-auth", SECONDS, pids=pid)
+                wrk(ref_url, warm, "forward-auth", SECONDS, pids=[reference.pid])
+                wrk(ref_url, warm, "verify", SECONDS, pids=[reference.pid])
+                wrk(ref_url, warm, "forward-auth", SECONDS, connections=16, rate=2000, pids=[reference.pid])
+            tw.proc.stop()
+            if tw.proc.proc.returncode != 0:
+                raise SystemExit(f"the instrumented tokenwarden ({alg}) exited with "
+                                 f"{tw.proc.proc.returncode}: its profile may be incomplete")
+        reference.stop()
+        if reference.proc.returncode != 0:
+            raise SystemExit(f"the instrumented reference exited with {reference.proc.returncode}")
     # One per process: three key generations, three servers and the reference.
     profiles = [p for p in sorted(raw.glob("*.profraw")) if p.stat().st_size > 0]
     if len(profiles) != 7:

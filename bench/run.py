@@ -16,6 +16,7 @@ is printed. Nothing here is a pass/fail test.
 """
 
 import argparse
+import contextlib
 import hashlib
 import os
 import re
@@ -82,6 +83,10 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+# Every Process started and not yet stopped, for `stopping()`.
+RUNNING = []
+
+
 class Process:
     def __init__(self, args, core=SERVER_CORE, env=None, cwd=None):
         self.proc = subprocess.Popen(
@@ -91,18 +96,35 @@ class Process:
             env={**os.environ, **(env or {})},
             cwd=cwd,
         )
+        RUNNING.append(self)
 
     @property
     def pid(self):
         return self.proc.pid
 
     def stop(self):
+        """Terminates the process and waits for it; a second call does nothing."""
+        if self in RUNNING:
+            RUNNING.remove(self)
+        if self.proc.poll() is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+@contextlib.contextmanager
+def stopping():
+    """Stops every Process still running when the block ends, however it ends: a run
+    that fails midway leaves no server behind on the pinned core."""
+    try:
+        yield
+    finally:
+        for process in reversed(RUNNING[:]):
+            process.stop()
 
 
 def parse_duration_ms(text):
@@ -347,7 +369,7 @@ def main():
             met = ratio <= target if lower_is_better else ratio >= target
         rows.append((what, value, reference, ratio, target, lower_is_better, met, unit))
 
-    with tempfile.TemporaryDirectory(prefix="tokenwarden-bench-") as work:
+    with tempfile.TemporaryDirectory(prefix="tokenwarden-bench-") as work, stopping():
         ref_port = free_port()
         reference = Process([SERVERS / "examples" / "bench-reference", ref_port])
         ref_url = f"http://127.0.0.1:{ref_port}"
