@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""How much work per request the saturation target leaves: the bare reference made to
+spin a fixed time in each handler, measured at saturation beside the bare reference
+and tokenwarden, in the harness's set-up and with its requests.
+
+    python3 bench/budget.py                       # HS512 forward-auth, warm tokens
+    python3 bench/budget.py --work 0,500,1000,2000,3000 --turns 3
+    python3 bench/budget.py --rate 2000           # CPU per request at a paced rate
+
+Spinning is the cheapest work a request can do: it touches no memory, allocates
+nothing and leaves the caches as they were. Each level's rate against the bare
+reference's is the best ratio any server doing that much work per request can
+reach here. The script prints the curve, the work at which it crosses the 0.8×
+target, and where tokenwarden's own ratio falls on it; beside each, user and kernel
+CPU per request from /proc, so tokenwarden's measured user-space work can be read
+against the curve. With `--rate` every server is paced at that rate and the
+ratio is of CPU per request, against the 1.3× target (tokenwarden measured over
+a minute, as bench/run.py does: it holds one write of its sessions' sightings). Build first (`cargo build --release --bin tokenwarden --example
+bench-reference --example bench-tokens`) or let bench/run.py do it.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import CLK_TCK, RELEASE, Process, Tokenwarden, free_port, stopping, wait_http, wrk  # noqa: E402
+
+TARGETS = {"saturation": 0.8, "paced": 1.3}
+
+
+def user_system(pid):
+    """User and system CPU seconds of a process and its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def measured(url, tokens, pid, seconds, rate, app_key=""):
+    """One run (at saturation when `rate` is 0): the rate, and user, kernel and all
+    CPU µs per request."""
+    connections = 16 if rate else 64
+    before = user_system(pid)
+    r = wrk(url, tokens, "forward-auth", seconds, connections=connections, rate=rate, app_key=app_key,
+            pids=[pid])
+    after = user_system(pid)
+    per = [(a - b) / r["requests"] * 1e6 for a, b in zip(after, before)]
+    return {"rps": r["rps"], "user_us": per[0], "system_us": per[1], "cpu_us": per[0] + per[1]}
+
+
+def crossing(curve, ratio):
+    """The work (ns) at which the curve passes `ratio`, by linear interpolation
+    between the two levels around it; None outside the curve."""
+    for (w0, r0), (w1, r1) in zip(curve, curve[1:]):
+        if min(r0, r1) <= ratio <= max(r0, r1) and r0 != r1:
+            return w0 + (w1 - w0) * (ratio - r0) / (r1 - r0)
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="0,500,1000,1500,2000,3000,4000",
+                    help="nanoseconds each spinning reference spends per request (0 first: the bare one)")
+    ap.add_argument("--turns", type=int, default=2, help="rounds over every server, each side averaged")
+    ap.add_argument("--seconds", type=int, default=6)
+    ap.add_argument("--sessions", type=int, default=10000)
+    ap.add_argument("--rate", type=int, default=0,
+                    help="requests per second (0: saturation, the ratio of rates; else the ratio of CPU per request)")
+    args = ap.parse_args()
+    paced = args.rate > 0
+    figure = "cpu_us" if paced else "rps"
+    target = TARGETS["paced" if paced else "saturation"]
+    tw_seconds = max(args.seconds, 60) if paced else args.seconds
+    levels = sorted({int(w) for w in args.work.split(",")} | {0})
+    with tempfile.TemporaryDirectory(prefix="tokenwarden-budget-") as work, stopping():
+        servers = {}
+        for ns in levels:
+            port = free_port()
+            servers[ns] = (Process([RELEASE / "examples" / "bench-reference", port, ns]),
+                           f"http://127.0.0.1:{port}")
+            wait_http(f"http://127.0.0.1:{port}/healthz")
+        tw = Tokenwarden(work, "HS512")
+        tokens, _ = tw.tokens(args.sessions, 0)
+        # Two passes over the file first, so every token has been seen (warm).
+        wrk(tw.base, tokens, "forward-auth", 3, pids=[tw.proc.pid])
+        runs = {ns: [] for ns in levels} | {"tokenwarden": []}
+        bare = []
+        for turn in range(args.turns):
+            # The bare reference before and after each turn; every ratio of the turn
+            # is against their mean.
+            first = measured(servers[0][1], tokens, servers[0][0].pid, args.seconds, args.rate)
+            for ns in levels[1:]:
+                runs[ns].append(measured(servers[ns][1], tokens, servers[ns][0].pid, args.seconds, args.rate))
+            runs["tokenwarden"].append(measured(tw.base, tokens, tw.proc.pid, tw_seconds, args.rate, tw.app_key))
+            last = measured(servers[0][1], tokens, servers[0][0].pid, args.seconds, args.rate)
+            turn_bare = (first[figure] + last[figure]) / 2
+            bare.append(turn_bare)
+            runs[0] += [first, last]
+            for key in runs:
+                if key != 0:
+                    runs[key][-1]["ratio"] = runs[key][-1][figure] / turn_bare
+            print(f"turn {turn + 1}: the bare reference {first['rps']:,.0f} then {last['rps']:,.0f} req/s "
+                  f"({first['cpu_us']:.1f} and {last['cpu_us']:.1f} µs/request), tokenwarden "
+                  f"{runs['tokenwarden'][-1]['rps']:,.0f} req/s ({runs['tokenwarden'][-1]['cpu_us']:.1f} µs/request)",
+                  flush=True)
+
+    def mean(rows, key):
+        return statistics.mean(r[key] for r in rows)
+
+    what = f"CPU per request at {args.rate} req/s" if paced else "Rate at saturation"
+    print(f"\n## {what} against work per request (HS512 forward-auth requests, {args.seconds} s runs"
+          + (f", tokenwarden {tw_seconds} s" if tw_seconds != args.seconds else "") + f", {args.turns} turns)\n")
+    print(f"| server | rate | ratio to the bare reference ({'CPU per request' if paced else 'rate'}) "
+          "| user µs/request | kernel µs/request |")
+    print("|---|---:|---:|---:|---:|")
+    curve = [(0, 1.0)]
+    print(f"| bare reference | {mean(runs[0], 'rps'):,.0f} req/s | 1 | {mean(runs[0], 'user_us'):.2f} "
+          f"| {mean(runs[0], 'system_us'):.2f} |")
+    for ns in levels[1:]:
+        ratio = mean(runs[ns], "ratio")
+        curve.append((ns, ratio))
+        print(f"| reference spinning {ns / 1000:g} µs | {mean(runs[ns], 'rps'):,.0f} req/s | {ratio:.2f}× "
+              f"| {mean(runs[ns], 'user_us'):.2f} | {mean(runs[ns], 'system_us'):.2f} |")
+    tw_rows = runs["tokenwarden"]
+    tw_ratio = mean(tw_rows, "ratio")
+    print(f"| tokenwarden | {mean(tw_rows, 'rps'):,.0f} req/s | {tw_ratio:.2f}× | {mean(tw_rows, 'user_us'):.2f} "
+          f"| {mean(tw_rows, 'system_us'):.2f} |")
+    budget = crossing(curve, target)
+    equivalent = crossing(curve, tw_ratio)
+    spread = (max(bare) - min(bare)) / min(bare)
+    print()
+    unit = "µs/request" if paced else "req/s"
+    print(f"- the bare reference over the turns: {min(bare):,.1f}–{max(bare):,.1f} {unit} "
+          f"(a spread of {spread:.0%})")
+    print(f"- work per request at which a spinning reference reaches {target}×: "
+          + (f"about {budget / 1000:.2f} µs" if budget is not None else "outside the levels measured; widen --work"))
+    print("- tokenwarden's ratio is that of a reference spinning "
+          + (f"about {equivalent / 1000:.2f} µs per request" if equivalent is not None
+             else "outside the levels measured; widen --work"))
+    extra_user = mean(tw_rows, "user_us") - mean(runs[0], "user_us")
+    print(f"- tokenwarden's user CPU per request exceeds the bare reference's by {extra_user:.2f} µs")
+
+
+if __name__ == "__main__":
+    main()
