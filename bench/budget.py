@@ -7,6 +7,10 @@ and tokenwarden, in the harness's set-up and with its requests.
     python3 bench/budget.py --work 0,500,1000,2000,3000 --turns 3
     python3 bench/budget.py --rate 2000           # CPU per request at a paced rate
 
+Beside them runs the issue's calibration point, a naive axum + jsonwebtoken HS512
+verifier (`examples/bench/naive.rs`: every token's signature and expiry checked,
+nothing cached, nothing recorded), on the same tokens.
+
 Spinning is the cheapest work a request can do: it touches no memory, allocates
 nothing and leaves the caches as they were. Each level's rate against the bare
 reference's is the best ratio any server doing that much work per request can
@@ -26,7 +30,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import CLK_TCK, RELEASE, Process, Tokenwarden, free_port, stopping, wait_http, wrk  # noqa: E402
+from run import (CLK_TCK, RELEASE, Process, Tokenwarden, free_port, stopping, wait_http, wait_port,  # noqa: E402
+                 wrk)
 
 TARGETS = {"saturation": 0.8, "paced": 1.3}
 
@@ -82,9 +87,13 @@ def main():
             wait_http(f"http://127.0.0.1:{port}/healthz")
         tw = Tokenwarden(work, "HS512")
         tokens, _ = tw.tokens(args.sessions, 0)
+        naive_port = free_port()
+        naive = Process([RELEASE / "examples" / "bench-naive", naive_port, tw.key])
+        naive_url = f"http://127.0.0.1:{naive_port}"
+        wait_port(naive_port)  # it answers 401 to a request without a token
         # Two passes over the file first, so every token has been seen (warm).
         wrk(tw.base, tokens, "forward-auth", 3, pids=[tw.proc.pid])
-        runs = {ns: [] for ns in levels} | {"tokenwarden": []}
+        runs = {ns: [] for ns in levels} | {"naive": [], "tokenwarden": []}
         bare = []
         for turn in range(args.turns):
             # The bare reference before and after each turn; every ratio of the turn
@@ -92,6 +101,7 @@ def main():
             first = measured(servers[0][1], tokens, servers[0][0].pid, args.seconds, args.rate)
             for ns in levels[1:]:
                 runs[ns].append(measured(servers[ns][1], tokens, servers[ns][0].pid, args.seconds, args.rate))
+            runs["naive"].append(measured(naive_url, tokens, naive.pid, args.seconds, args.rate))
             runs["tokenwarden"].append(measured(tw.base, tokens, tw.proc.pid, tw_seconds, args.rate, tw.app_key))
             last = measured(servers[0][1], tokens, servers[0][0].pid, args.seconds, args.rate)
             turn_bare = (first[figure] + last[figure]) / 2
@@ -122,6 +132,10 @@ def main():
         curve.append((ns, ratio))
         print(f"| reference spinning {ns / 1000:g} µs | {mean(runs[ns], 'rps'):,.0f} req/s | {ratio:.2f}× "
               f"| {mean(runs[ns], 'user_us'):.2f} | {mean(runs[ns], 'system_us'):.2f} |")
+    naive_rows = runs["naive"]
+    print(f"| naive jsonwebtoken HS512 verifier | {mean(naive_rows, 'rps'):,.0f} req/s "
+          f"| {mean(naive_rows, 'ratio'):.2f}× | {mean(naive_rows, 'user_us'):.2f} "
+          f"| {mean(naive_rows, 'system_us'):.2f} |")
     tw_rows = runs["tokenwarden"]
     tw_ratio = mean(tw_rows, "ratio")
     print(f"| tokenwarden | {mean(tw_rows, 'rps'):,.0f} req/s | {tw_ratio:.2f}× | {mean(tw_rows, 'user_us'):.2f} "
@@ -131,7 +145,8 @@ def main():
     spread = (max(bare) - min(bare)) / min(bare)
     print()
     unit = "µs/request" if paced else "req/s"
-    print(f"- the bare reference over the turns: {min(bare):,.1f}–{max(bare):,.1f} {unit} "
+    places = 1 if paced else 0
+    print(f"- the bare reference over the turns: {min(bare):,.{places}f}–{max(bare):,.{places}f} {unit} "
           f"(a spread of {spread:.0%})")
     print(f"- work per request at which a spinning reference reaches {target}×: "
           + (f"about {budget / 1000:.2f} µs" if budget is not None else "outside the levels measured; widen --work"))
