@@ -7,9 +7,12 @@ and tokenwarden, in the harness's set-up and with its requests.
     python3 bench/budget.py --work 0,500,1000,2000,3000 --turns 3
     python3 bench/budget.py --rate 2000           # CPU per request at a paced rate
 
-Beside them runs the issue's calibration point, a naive axum + jsonwebtoken HS512
-verifier (`examples/bench/naive.rs`: every token's signature and expiry checked,
-nothing cached, nothing recorded), on the same tokens.
+Beside them runs a common baseline, a naive axum + jsonwebtoken HS512 verifier
+(`examples/bench/naive.rs`: every token's signature and expiry checked, nothing
+cached, nothing recorded), on the same tokens. Each server's share of refused
+requests is printed: the naive verifier refuses the mix's bad-signature and
+expired tokens (10 %), tokenwarden the revoked ones too (15 %); a share far
+from that means a server is not doing the work it is meant to.
 
 Spinning is the cheapest work a request can do: it touches no memory, allocates
 nothing and leaves the caches as they were. Each level's rate against the bare
@@ -19,8 +22,11 @@ target, and where tokenwarden's own ratio falls on it; beside each, user and ker
 CPU per request from /proc, so tokenwarden's measured user-space work can be read
 against the curve. With `--rate` every server is paced at that rate and the
 ratio is of CPU per request, against the 1.3× target (tokenwarden measured over
-a minute, as bench/run.py does: it holds one write of its sessions' sightings). Build first (`cargo build --release --bin tokenwarden --example
-bench-reference --example bench-tokens`) or let bench/run.py do it.
+a minute, as bench/run.py does: it holds one write of its sessions' sightings;
+the others over 30 s by default, since /proc counts CPU in ticks of 10 ms,
+0.8 µs per request over 6 s at 2000 req/s). Build first: `cargo build --release
+--bin tokenwarden --example bench-reference --example bench-tokens --example
+bench-naive`.
 """
 
 import argparse
@@ -43,15 +49,18 @@ def user_system(pid):
 
 
 def measured(url, tokens, pid, seconds, rate, app_key=""):
-    """One run (at saturation when `rate` is 0): the rate, and user, kernel and all
-    CPU µs per request."""
-    connections = 16 if rate else 64
+    """One run (at saturation when `rate` is 0): the rate, the share refused, and
+    user, kernel and all CPU µs per request."""
+    connections = 16 if 0 < rate <= 2000 else 64
     before = user_system(pid)
     r = wrk(url, tokens, "forward-auth", seconds, connections=connections, rate=rate, app_key=app_key,
             pids=[pid])
     after = user_system(pid)
+    if not r["requests"]:
+        raise SystemExit(f"{url} answered no request")
     per = [(a - b) / r["requests"] * 1e6 for a, b in zip(after, before)]
-    return {"rps": r["rps"], "user_us": per[0], "system_us": per[1], "cpu_us": per[0] + per[1]}
+    return {"rps": r["rps"], "refused": r["refused"] / r["requests"], "user_us": per[0], "system_us": per[1],
+            "cpu_us": per[0] + per[1]}
 
 
 def crossing(curve, ratio):
@@ -68,12 +77,16 @@ def main():
     ap.add_argument("--work", default="0,500,1000,1500,2000,3000,4000",
                     help="nanoseconds each spinning reference spends per request (0 first: the bare one)")
     ap.add_argument("--turns", type=int, default=2, help="rounds over every server, each side averaged")
-    ap.add_argument("--seconds", type=int, default=6)
+    ap.add_argument("--seconds", type=int, default=None, help="length of each run (6 s; paced, 30 s)")
     ap.add_argument("--sessions", type=int, default=10000)
     ap.add_argument("--rate", type=int, default=0,
                     help="requests per second (0: saturation, the ratio of rates; else the ratio of CPU per request)")
     args = ap.parse_args()
     paced = args.rate > 0
+    args.seconds = args.seconds or (30 if paced else 6)
+    for binary in ("tokenwarden", "examples/bench-reference", "examples/bench-naive", "examples/bench-tokens"):
+        if not (RELEASE / binary).is_file():
+            raise SystemExit(f"no {RELEASE / binary}: build it first (see --help)")
     figure = "cpu_us" if paced else "rps"
     target = TARGETS["paced" if paced else "saturation"]
     tw_seconds = max(args.seconds, 60) if paced else args.seconds
@@ -122,24 +135,23 @@ def main():
     print(f"\n## {what} against work per request (HS512 forward-auth requests, {args.seconds} s runs"
           + (f", tokenwarden {tw_seconds} s" if tw_seconds != args.seconds else "") + f", {args.turns} turns)\n")
     print(f"| server | rate | ratio to the bare reference ({'CPU per request' if paced else 'rate'}) "
-          "| user µs/request | kernel µs/request |")
-    print("|---|---:|---:|---:|---:|")
+          "| refused | user µs/request | kernel µs/request |")
+    print("|---|---:|---:|---:|---:|---:|")
+
+    def line(name, rows, ratio):
+        print(f"| {name} | {mean(rows, 'rps'):,.0f} req/s | {ratio} | {mean(rows, 'refused'):.1%} "
+              f"| {mean(rows, 'user_us'):.2f} | {mean(rows, 'system_us'):.2f} |")
+
     curve = [(0, 1.0)]
-    print(f"| bare reference | {mean(runs[0], 'rps'):,.0f} req/s | 1 | {mean(runs[0], 'user_us'):.2f} "
-          f"| {mean(runs[0], 'system_us'):.2f} |")
+    line("bare reference", runs[0], "1")
     for ns in levels[1:]:
         ratio = mean(runs[ns], "ratio")
         curve.append((ns, ratio))
-        print(f"| reference spinning {ns / 1000:g} µs | {mean(runs[ns], 'rps'):,.0f} req/s | {ratio:.2f}× "
-              f"| {mean(runs[ns], 'user_us'):.2f} | {mean(runs[ns], 'system_us'):.2f} |")
-    naive_rows = runs["naive"]
-    print(f"| naive jsonwebtoken HS512 verifier | {mean(naive_rows, 'rps'):,.0f} req/s "
-          f"| {mean(naive_rows, 'ratio'):.2f}× | {mean(naive_rows, 'user_us'):.2f} "
-          f"| {mean(naive_rows, 'system_us'):.2f} |")
+        line(f"reference spinning {ns / 1000:g} µs", runs[ns], f"{ratio:.2f}×")
+    line("naive jsonwebtoken HS512 verifier", runs["naive"], f"{mean(runs['naive'], 'ratio'):.2f}×")
     tw_rows = runs["tokenwarden"]
     tw_ratio = mean(tw_rows, "ratio")
-    print(f"| tokenwarden | {mean(tw_rows, 'rps'):,.0f} req/s | {tw_ratio:.2f}× | {mean(tw_rows, 'user_us'):.2f} "
-          f"| {mean(tw_rows, 'system_us'):.2f} |")
+    line("tokenwarden", tw_rows, f"{tw_ratio:.2f}×")
     budget = crossing(curve, target)
     equivalent = crossing(curve, tw_ratio)
     spread = (max(bare) - min(bare)) / min(bare)
@@ -149,10 +161,14 @@ def main():
     print(f"- the bare reference over the turns: {min(bare):,.{places}f}–{max(bare):,.{places}f} {unit} "
           f"(a spread of {spread:.0%})")
     print(f"- work per request at which a spinning reference reaches {target}×: "
-          + (f"about {budget / 1000:.2f} µs" if budget is not None else "outside the levels measured; widen --work"))
+          + (f"about {budget / 1000:.2f} µs" if budget is not None else "not within the levels measured"))
     print("- tokenwarden's ratio is that of a reference spinning "
           + (f"about {equivalent / 1000:.2f} µs per request" if equivalent is not None
-             else "outside the levels measured; widen --work"))
+             else "an amount not within the levels measured"))
+    if paced:
+        tick = 1e6 / CLK_TCK / (args.rate * args.seconds)
+        print(f"- /proc counts CPU in ticks of {1000 / CLK_TCK:g} ms: {tick:.2f} µs per request over "
+              f"{args.seconds} s at {args.rate} req/s, for user and kernel time each")
     extra_user = mean(tw_rows, "user_us") - mean(runs[0], "user_us")
     print(f"- tokenwarden's user CPU per request exceeds the bare reference's by {extra_user:.2f} µs")
 

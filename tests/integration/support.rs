@@ -11,11 +11,27 @@ use tokenwarden::clock::ManualClock;
 use tokenwarden::config::{FileConfig, KeyAlgorithm, KeyEntry, Settings, TokensSection};
 use tokenwarden::http::Application;
 
-/// A child process (a gateway, a browser driver) killed when the test ends.
+/// A child process (a gateway, a browser driver) stopped when the test ends:
+/// asked with SIGTERM first, so that nginx's master stops its workers (killed
+/// outright, it leaves them running, orphaned, on the ports they listen on), then
+/// killed if it has not exited within five seconds.
 pub struct KillOnDrop(pub std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.0.id()) {
+            // SAFETY: kill(2) only sends a signal, to our own child, which has not
+            // been waited for yet, so its pid cannot have been reused.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                match self.0.try_wait() {
+                    Ok(Some(_)) => return,
+                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                    Err(_) => break,
+                }
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
