@@ -133,7 +133,8 @@ def main():
 
     what = f"CPU per request at {args.rate} req/s" if paced else "Rate at saturation"
     print(f"\n## {what} against work per request (HS512 forward-auth requests, {args.seconds} s runs"
-          + (f", tokenwarden {tw_seconds} s" if tw_seconds != args.seconds else "") + f", {args.turns} turns)\n")
+          + (f", tokenwarden {tw_seconds} s" if tw_seconds != args.seconds else "")
+          + f", {args.turns} turn{'s' if args.turns != 1 else ''})\n")
     print(f"| server | rate | ratio to the bare reference ({'CPU per request' if paced else 'rate'}) "
           "| refused | user µs/request | kernel µs/request |")
     print("|---|---:|---:|---:|---:|---:|")
