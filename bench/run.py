@@ -77,10 +77,16 @@ def wait_port(port, timeout=10):
     raise SystemExit(f"nothing listens on {port} after {timeout} s")
 
 
-def cpu_seconds(pid):
-    """User + system CPU of a process and all its threads, from /proc."""
+def user_system(pid):
+    """User and system CPU seconds of a process and all its threads, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def user_system_of(pids):
+    """User and system CPU seconds of several processes, summed."""
+    times = [user_system(p) for p in pids]
+    return sum(u for u, _ in times), sum(s for _, s in times)
 
 
 # Every Process started and not yet stopped, for `stopping()`.
@@ -141,7 +147,7 @@ def wrk(url, tokens, mode, seconds, connections=64, rate=0, app_key="", pids=())
         "TW_RATE": str(rate),
         "TW_CONNECTIONS": str(connections),
     }
-    cpu_before = sum(cpu_seconds(p) for p in pids)
+    user_before, system_before = user_system_of(pids)
     started = time.monotonic()
     out = subprocess.run(
         ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
@@ -149,7 +155,9 @@ def wrk(url, tokens, mode, seconds, connections=64, rate=0, app_key="", pids=())
         capture_output=True, text=True, env={**os.environ, **env}, check=True,
     ).stdout
     wall = time.monotonic() - started
-    cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
+    user_after, system_after = user_system_of(pids)
+    user, system = user_after - user_before, system_after - system_before
+    cpu = user + system
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     latency = {p: parse_duration_ms(v) for p, v in re.findall(r"^\s+(50|90|99)%\s+(\S+)", out, re.M)}
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -163,6 +171,8 @@ def wrk(url, tokens, mode, seconds, connections=64, rate=0, app_key="", pids=())
         "refused": int(non2xx.group(1)) if non2xx else 0,
         "socket_errors": errors.group(1) if errors else "",
         "cpu_per_request_us": cpu / requests * 1e6 if requests else None,
+        "user_per_request_us": user / requests * 1e6 if requests else None,
+        "system_per_request_us": system / requests * 1e6 if requests else None,
         "server_cpu_share": cpu / wall,
     }
 
