@@ -9,7 +9,9 @@ and tokenwarden, in the harness's set-up and with its requests.
 
 Beside them runs a common baseline, a naive axum + jsonwebtoken HS512 verifier
 (`examples/bench/naive.rs`: every token's signature and expiry checked, nothing
-cached, nothing recorded), on the same tokens. Each server's share of refused
+cached, nothing recorded), on the same tokens, and tokenwarden's own `/healthz` on
+the same requests (forward-auth's headers, another path): its framework, layers
+and runtime without the decision. Each server's share of refused
 requests is printed: the naive verifier refuses the mix's bad-signature and
 expired tokens (10 %), tokenwarden the revoked ones too (15 %); a share far
 from that means a server is not doing the work it is meant to.
@@ -42,11 +44,11 @@ from run import (CLK_TCK, RELEASE, Process, Tokenwarden, free_port, stopping, wa
 TARGETS = {"saturation": 0.8, "paced": 1.3}
 
 
-def measured(url, tokens, pid, seconds, rate, app_key=""):
+def measured(url, tokens, pid, seconds, rate, app_key="", mode="forward-auth"):
     """One run (at saturation when `rate` is 0): the rate, the share refused, and
     user, kernel and all CPU µs per request."""
     connections = 16 if 0 < rate <= 2000 else 64
-    r = wrk(url, tokens, "forward-auth", seconds, connections=connections, rate=rate, app_key=app_key,
+    r = wrk(url, tokens, mode, seconds, connections=connections, rate=rate, app_key=app_key,
             pids=[pid])
     if not r["requests"]:
         raise SystemExit(f"{url} answered no request")
@@ -97,7 +99,7 @@ def main():
         wait_port(naive_port)  # it answers 401 to a request without a token
         # Two passes over the file first, so every token has been seen (warm).
         wrk(tw.base, tokens, "forward-auth", 3, pids=[tw.proc.pid])
-        runs = {ns: [] for ns in levels} | {"naive": [], "tokenwarden": []}
+        runs = {ns: [] for ns in levels} | {"naive": [], "healthz": [], "tokenwarden": []}
         bare = []
         for turn in range(args.turns):
             # The bare reference before and after each turn; every ratio of the turn
@@ -106,6 +108,8 @@ def main():
             for ns in levels[1:]:
                 runs[ns].append(measured(servers[ns][1], tokens, servers[ns][0].pid, args.seconds, args.rate))
             runs["naive"].append(measured(naive_url, tokens, naive.pid, args.seconds, args.rate))
+            runs["healthz"].append(measured(tw.base, tokens, tw.proc.pid, args.seconds, args.rate,
+                                            mode="healthz"))
             runs["tokenwarden"].append(measured(tw.base, tokens, tw.proc.pid, tw_seconds, args.rate, tw.app_key))
             last = measured(servers[0][1], tokens, servers[0][0].pid, args.seconds, args.rate)
             turn_bare = (first[figure] + last[figure]) / 2
@@ -141,6 +145,8 @@ def main():
         curve.append((ns, ratio))
         line(f"reference spinning {ns / 1000:g} µs", runs[ns], f"{ratio:.2f}×")
     line("naive jsonwebtoken HS512 verifier", runs["naive"], f"{mean(runs['naive'], 'ratio'):.2f}×")
+    line("tokenwarden's `/healthz` (its layers and runtime, no decision)", runs["healthz"],
+         f"{mean(runs['healthz'], 'ratio'):.2f}×")
     tw_rows = runs["tokenwarden"]
     tw_ratio = mean(tw_rows, "ratio")
     line("tokenwarden", tw_rows, f"{tw_ratio:.2f}×")

@@ -4,7 +4,9 @@
 --
 --   TW_TOKENS       the file of lines
 --   TW_MODE         verify (POST /v1/verify JSON), forward-auth (GET /v1/forward-auth
---                   with the nginx headers), gateway (GET /account through nginx)
+--                   with the nginx headers), gateway (GET /account through nginx),
+--                   healthz (GET /healthz with forward-auth's headers: the same
+--                   bytes on the wire, no decision)
 --   TW_APP_KEY      app key for /v1/verify
 --   TW_RATE         total requests per second to pace at (0: as fast as possible)
 --   TW_CONNECTIONS  the -c given to wrk, to pace each connection
@@ -32,7 +34,8 @@ for line in io.lines(os.getenv("TW_TOKENS")) do
         ["X-Forwarded-For"] = ip,
       })
     else
-      requests[#requests + 1] = wrk.format("GET", "/v1/forward-auth", {
+      local path = mode == "healthz" and "/healthz" or "/v1/forward-auth"
+      requests[#requests + 1] = wrk.format("GET", path, {
         ["Authorization"] = "Bearer " .. token,
         ["User-Agent"] = ua,
         ["X-Forwarded-For"] = ip,
