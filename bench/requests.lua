@@ -6,7 +6,7 @@
 --   TW_MODE         verify (POST /v1/verify JSON), forward-auth (GET /v1/forward-auth
 --                   with the nginx headers), gateway (GET /account through nginx),
 --                   healthz (GET /healthz with forward-auth's headers: the same
---                   bytes on the wire, no decision)
+--                   request but for its path, no decision)
 --   TW_APP_KEY      app key for /v1/verify
 --   TW_RATE         total requests per second to pace at (0: as fast as possible)
 --   TW_CONNECTIONS  the -c given to wrk, to pace each connection
