@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import RELEASE, Tokenwarden, stopping, wrk  # noqa: E402
+from run import RELEASE, Tokenwarden, connections_for, stopping, wrk  # noqa: E402
 
 
 # Never-seen tokens each turn gets to itself: more than 6 s at 50,000 req/s.
@@ -60,7 +60,7 @@ def main():
     if not args.before.is_file():
         sys.exit(f"no binary at {args.before}")
     args.before = args.before.resolve()  # the servers start in their own directories
-    connections = 16 if 0 < args.rate <= 2000 else 64
+    connections = connections_for(args.rate)
     with tempfile.TemporaryDirectory(prefix="tokenwarden-ab-") as work, stopping():
         servers = {
             "A": Tokenwarden(work, args.alg, binary=args.before, name="-a"),

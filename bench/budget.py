@@ -38,8 +38,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import (CLK_TCK, RELEASE, Process, Tokenwarden, free_port, stopping, wait_http, wait_port,  # noqa: E402
-                 wrk)
+from run import (CLK_TCK, RELEASE, Process, Tokenwarden, connections_for, free_port, stopping,  # noqa: E402
+                 wait_http, wait_port, wrk)
 
 TARGETS = {"saturation": 0.8, "paced": 1.3}
 
@@ -47,7 +47,7 @@ TARGETS = {"saturation": 0.8, "paced": 1.3}
 def measured(url, tokens, pid, seconds, rate, app_key="", mode="forward-auth"):
     """One run (at saturation when `rate` is 0): the rate, the share refused, and
     user, kernel and all CPU µs per request."""
-    connections = 16 if 0 < rate <= 2000 else 64
+    connections = connections_for(rate)
     r = wrk(url, tokens, mode, seconds, connections=connections, rate=rate, app_key=app_key,
             pids=[pid])
     if not r["requests"]:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import RELEASE, Process, Tokenwarden, free_port, stopping, wait_http, wrk  # noqa: E402
+from run import RELEASE, Process, Tokenwarden, connections_for, free_port, stopping, wait_http, wrk  # noqa: E402
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--dwarf", action="store_true",
                     help="with --perf: unwind with DWARF (callers in Rust code and libc; 3 s, larger file)")
     args = ap.parse_args()
-    connections = 16 if 0 < args.rate <= 2000 else 64
+    connections = connections_for(args.rate)
     with tempfile.TemporaryDirectory(prefix="tokenwarden-profile-") as work, stopping():
         port = free_port()
         reference = Process([RELEASE / "examples" / "bench-reference", port])
